@@ -1,0 +1,94 @@
+"""IE-CL: Incremental-Entropy Contrastive Learning (paper Algorithm 1, Eq. 17),
+with the decisions of DESIGN.md "The method".
+
+    query'  = SAIB(query)                       entropy generation, query view only
+    q_a, q_q = online(anchor), online(query')   trained by backprop
+    k_a, k_q = target(anchor), target(query')   EMA of online, no gradient
+    loss = InfoNCE(q_a, k_q) + InfoNCE(q_q, k_a)     symmetric (paper 4.1)
+         + beta * KL(N(q_q) || N(q_a))               Gaussian fits, neither side detached
+         - lambda * H(q_q)                           pluggable entropy estimator
+
+Entropy preservation (spectral norm on every encoder conv) is architectural and
+lives in the backbone. SAIB's weight decay gamma is its own parameter group.
+Algorithm 1 detaches the query side of the KL, which would leave SAIB
+constrained by nothing but the entropy term; this implementation does not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from model.encoder import Encoder, ema_update, momentum_copy
+from model.heads import MLPBNProjector
+from model.losses import GaussianKL, InfoNCE, build_entropy
+from model.methods.base import Method, decay_groups
+from model.resnet import build_backbone
+from model.saib import SAIB
+
+
+class IECL(Method):
+    name = "iecl"
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "resnet50",
+        spectral_norm: bool = True,
+        projector_hidden: int = 4096,
+        projector_out: int = 512,
+        batch_size: int = 256,
+        image_size: int = 224,
+        saib: bool = True,
+        patch_size: int = 16,
+        saib_weight_decay: float = 1e-4,
+        tau: float = 0.2,
+        momentum: float = 0.9,
+        lambda_entropy: float = 0.2,
+        beta_kl: float = 0.09,
+        entropy: str = "coding_rate",
+        coding_rate_eps: float = 0.5,
+    ) -> None:
+        super().__init__()
+        trunk = build_backbone(backbone, spectral_norm)
+        self.online = Encoder(trunk, MLPBNProjector(trunk.feature_dim, projector_hidden, projector_out))
+        self.target = momentum_copy(self.online)
+        self.saib = SAIB(batch_size, (image_size, image_size), patch_size) if saib else None
+        self.saib_weight_decay = saib_weight_decay
+        self.momentum = momentum
+        self.lambda_entropy, self.beta_kl = lambda_entropy, beta_kl
+        self.infonce = InfoNCE(tau)
+        self.kl = GaussianKL()
+        self.entropy = build_entropy(entropy, coding_rate_eps)
+
+    def training_step(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.saib is not None:
+            query = self.saib(query)
+        # Separate forwards: each view keeps its own BatchNorm statistics. Within
+        # `cached()`, each spectral-normalised weight (one power iteration, one
+        # division) is computed once per step, not once per forward, so both views
+        # see the same normalised weights.
+        with parametrize.cached():
+            q_anchor, q_query = self.online(anchor), self.online(query)
+            with torch.no_grad():
+                k_anchor, k_query = self.target(anchor), self.target(query)
+        loss_nce = self.infonce(q_anchor, k_query) + self.infonce(q_query, k_anchor)
+        loss_kl = self.kl(q_query, q_anchor)
+        entropy = self.entropy(q_query)
+        loss = loss_nce + self.beta_kl * loss_kl - self.lambda_entropy * entropy
+        return {"loss": loss, "loss_nce": loss_nce, "loss_kl": loss_kl, "entropy": entropy}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        groups = decay_groups(self.online, weight_decay)
+        if self.saib is not None:
+            groups.append(
+                {"params": list(self.saib.parameters()), "weight_decay": self.saib_weight_decay, "group": "saib"}
+            )
+        return groups
+
+    def momentum_update(self, progress: float) -> None:
+        ema_update(self.target, self.online, self.momentum)
+
+    def backbone(self) -> nn.Module:
+        return self.online.backbone

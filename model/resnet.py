@@ -1,0 +1,117 @@
+"""Spectral-normalised ResNet-18 / ResNet-50 backbones (no classifier).
+
+The architecture is torchvision's ResNet v1.5 (stride on the 3x3 conv of a
+bottleneck), so with `spectral_norm=False` the parameter counts equal
+torchvision's minus the `fc` layer. With `spectral_norm=True` every convolution
+(stem, blocks, downsample shortcuts) is wrapped in
+`torch.nn.utils.parametrizations.spectral_norm`: IE-CL's entropy-preservation
+regulariser (paper Section 3.3, eta = 1, "architectural"). The parametrisation
+keeps the same number of trainable parameters (`weight.original`); its power
+iteration vectors are buffers and do one iteration per training forward.
+
+`forward` returns pooled features `(B, feature_dim)`; the projector and the
+evaluation heads sit on top of that (timm's forward_features / head split).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+
+def make_conv(spectral_norm: bool) -> Callable[..., nn.Module]:
+    """A Conv2d factory (bias-free: every conv here feeds a BatchNorm)."""
+
+    def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
+        layer = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False)
+        nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        return _spectral_norm(layer) if spectral_norm else layer
+
+    return conv
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, conv, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = conv(c_in, width, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv(width, c_out, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = _shortcut(conv, c_in, c_out, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, conv, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = conv(c_in, width, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv(width, width, 3, stride, 1)  # v1.5: stride on the 3x3
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv(width, c_out, 1)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = _shortcut(conv, c_in, c_out, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _shortcut(conv, c_in: int, c_out: int, stride: int) -> nn.Module:
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: type, layers: list[int], spectral_norm: bool = True) -> None:
+        super().__init__()
+        conv = make_conv(spectral_norm)
+        self.stem = nn.Sequential(
+            conv(3, 64, 7, 2, 3),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        stages, c_in = [], 64
+        for i, (width, depth) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for j in range(depth):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(block(conv, c_in, width, stride))
+                c_in = width * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.feature_dim = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> pooled features (B, feature_dim)."""
+        x = self.stages(self.stem(x))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+BACKBONES: dict[str, Callable[[bool], ResNet]] = {
+    "resnet18": lambda sn: ResNet(BasicBlock, [2, 2, 2, 2], sn),
+    "resnet50": lambda sn: ResNet(Bottleneck, [3, 4, 6, 3], sn),
+}
+
+
+def build_backbone(name: str, spectral_norm: bool = True) -> ResNet:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](spectral_norm)

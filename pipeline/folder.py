@@ -1,0 +1,66 @@
+"""Finding the images of a dataset folder.
+
+Two layouts: ImageNet's `root/<class>/<image>` (labels are the sorted class
+folder names' indices) and a flat `root/<image>` folder of unlabeled images
+(label -1: self-supervised users mostly have no classes). Files are listed in
+sorted order so that an index means the same image on every machine and rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+UNLABELED = -1
+
+
+@dataclass
+class ImageList:
+    root: str
+    samples: list[tuple[str, int]]  # (path, label)
+    classes: list[str] = field(default_factory=list)  # empty for a flat folder
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _images_in(directory: str) -> list[str]:
+    with os.scandir(directory) as entries:
+        return sorted(
+            e.path
+            for e in entries
+            if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+        )
+
+
+def scan_image_folder(root: str | os.PathLike) -> ImageList:
+    """List the images under `root`; a clear `DataError` if there are none."""
+    root = str(Path(root).expanduser())
+    if not os.path.exists(root):
+        raise DataError(f"data folder {root} does not exist; set data.root to an ImageNet-style folder")
+    if not os.path.isdir(root):
+        raise DataError(f"data.root {root} is not a folder")
+    try:
+        with os.scandir(root) as entries:
+            class_dirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        samples: list[tuple[str, int]] = []
+        classes: list[str] = []
+        for name in class_dirs:
+            images = _images_in(os.path.join(root, name))
+            if images:
+                samples.extend((path, len(classes)) for path in images)
+                classes.append(name)
+        if not samples:
+            samples = [(path, UNLABELED) for path in _images_in(root)]
+    except PermissionError as err:
+        raise DataError(f"cannot read {err.filename}: permission denied") from None
+    if not samples:
+        raise DataError(
+            f"no images found in {root}: expected {root}/<class>/<image>.JPEG or images directly in it "
+            f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return ImageList(root, samples, classes)

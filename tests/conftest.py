@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny synthetic datasets and configs that train in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipeline.synthetic import SyntheticSpec, make_synthetic
+from train.config import Config, apply, resolve_runtime, validate
+
+# Deterministic, comparable CPU numbers however many cores the machine has.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """48 ImageNet-like JPEGs in 4 classes."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    make_synthetic(root, SyntheticSpec(48, 4, seed=3), workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sixteen_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "sixteen"
+    make_synthetic(root, SyntheticSpec(16, 4, seed=5), workers=1, progress=False)
+    return root
+
+
+#: ResNet-18 at 32 px, batch 8, small projector, CPU fp32, in-process loading.
+TINY = {
+    "run": {"seed": 0},
+    "data": {"image_size": 32, "workers": 0},
+    "model": {"projector_hidden": 64, "projector_out": 32},
+    "optim": {"warmup_epochs": 0.5},
+    "train": {"batch_size": 8, "epochs": 2, "log_every": 1, "device": "cpu", "precision": "fp32",
+              "checkpoint_every": 0},
+}
+
+
+def tiny_overrides() -> list[str]:
+    """TINY as command-line overrides."""
+    return [f"{section}.{key}={value}" for section, values in TINY.items() for key, value in values.items()]
+
+
+def tiny_config(data_root, out_dir, updates: dict | None = None) -> Config:
+    cfg = Config()
+    apply(cfg, TINY)
+    apply(cfg, {"run": {"out_dir": str(out_dir)}, "data": {"root": str(data_root)}})
+    if updates:
+        apply(cfg, updates)
+    validate(cfg)
+    return resolve_runtime(cfg, cuda_available=False, bf16_supported=False)

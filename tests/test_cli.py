@@ -1,0 +1,179 @@
+"""The `iecl` command line: what a user types, what they see, what is left on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import scan_image_folder
+from pipeline.sampler import EpochBatchSampler
+from train import checkpoint as ckpt
+from train.cli import main
+from train.metrics import read_metrics
+
+from conftest import tiny_config, tiny_overrides
+
+TINY = tiny_overrides()
+
+
+def _pretrain(capsys, *args, tiny: bool = True) -> tuple[int, str, str]:
+    """`iecl pretrain` in-process; with `tiny`, the TINY settings come first so `args` override them."""
+    code = main(["pretrain", "--no-progress", *(TINY if tiny else []), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _run_dirs(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
+
+
+def test_pretrain_writes_a_complete_run(capsys, tmp_path, tiny_data):
+    out_dir = tmp_path / "runs"
+    code, out, _ = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.epochs=1")
+    assert code == 0
+    (run_dir,) = _run_dirs(out_dir)
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "run.json", "metrics.jsonl", "tb", "last.pt"}
+    assert "done: 6 steps (1.00 epochs)" in out and "images/s" in out and "final loss" in out and str(run_dir) in out
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 7))
+    assert ckpt.load(run_dir / "last.pt")["step"] == 6
+    # Resuming a finished run says so and changes nothing.
+    code, out, _ = _pretrain(capsys, "--resume", str(run_dir), tiny=False)
+    assert code == 0 and "already complete" in out
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    out_dir = tmp_path / "runs"
+    code, _, err = _pretrain(capsys, f"data.root={tmp_path / 'nowhere'}", f"run.out_dir={out_dir}")
+    assert code == 2
+    assert _one_line_error(err).startswith(f"iecl pretrain: error: data folder {tmp_path / 'nowhere'} does not exist")
+    assert not out_dir.exists()  # nothing written
+
+
+def test_empty_data_folder(capsys, tmp_path):
+    (tmp_path / "empty" / "some_class").mkdir(parents=True)
+    code, _, err = _pretrain(capsys, f"data.root={tmp_path / 'empty'}", f"run.out_dir={tmp_path / 'runs'}")
+    assert code == 2 and "no images found" in _one_line_error(err)
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    code, _, err = _pretrain(capsys, "train.epochz=3", f"run.out_dir={tmp_path}")
+    assert code == 2
+    assert _one_line_error(err) == (
+        "iecl pretrain: error: unknown config key 'train.epochz' (did you mean 'train.epochs'?)"
+    )
+
+
+def test_unwritable_run_directory(capsys, tmp_path, tiny_data):
+    if os.geteuid() == 0:
+        blocked = tmp_path / "a_file"  # root ignores permissions: use a path under a regular file
+        blocked.write_text("")
+        out_dir = blocked / "runs"
+    else:
+        out_dir = tmp_path / "read_only"
+        out_dir.mkdir(mode=0o500)
+    code, _, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}")
+    assert code == 2 and "cannot create a run directory" in _one_line_error(err)
+
+
+def test_unreadable_image_mid_run_keeps_progress(capsys, tmp_path, tiny_data):
+    """The run stops with the file's name; the steps already done are in last.pt."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "class_0002" / "zz_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    images = scan_image_folder(root)
+    bad = next(i for i, (path, _) in enumerate(images.samples) if path.endswith("zz_broken.JPEG"))
+    # A seed whose first epoch reaches the broken file after at least two good batches.
+    for seed in range(100):
+        sampler = EpochBatchSampler(len(images), 8, seed)
+        order = sampler.indices(0).tolist()
+        if bad in order and order.index(bad) // 8 >= 2:
+            break
+    steps_before = order.index(bad) // 8
+    out_dir = tmp_path / "runs"
+    code, _, err = _pretrain(capsys, f"data.root={root}", f"run.out_dir={out_dir}", f"run.seed={seed}")
+    assert code == 2
+    line = _one_line_error(err)
+    assert "zz_broken.JPEG" in line and "--resume" in line
+    (run_dir,) = _run_dirs(out_dir)
+    assert ckpt.load(run_dir / "last.pt")["step"] == steps_before
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_resume_errors(capsys, tmp_path):
+    code, _, err = _pretrain(capsys, "--resume", str(tmp_path), tiny=False)
+    assert code == 2 and "is not a run directory" in _one_line_error(err)
+    code, _, err = _pretrain(capsys, "--resume", str(tmp_path), "--config", "smoke", tiny=False)
+    assert code == 2 and "drop --config" in _one_line_error(err)
+
+
+def test_make_synthetic(capsys, tmp_path):
+    assert main(["make-synthetic", str(tmp_path / "syn"), "--images", "6", "--classes", "2", "--workers", "1"]) == 0
+    assert "wrote 6 images in 2 classes" in capsys.readouterr().out
+    assert len(scan_image_folder(tmp_path / "syn")) == 6
+    assert main(["make-synthetic", str(tmp_path / "syn"), "--images", "6", "--classes", "2"]) == 0
+    assert "already holds this dataset" in capsys.readouterr().out
+    assert main(["make-synthetic", str(tmp_path / "bad"), "--images", "2", "--classes", "5"]) == 2
+    assert "need at least as many images" in _one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["make-synthetic", "--help"]])
+def test_help(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0 and "usage: iecl" in capsys.readouterr().out
+
+
+def test_sigint_saves_at_a_step_boundary_and_resume_matches(tmp_path, tiny_data):
+    """A real Ctrl-C to a real training process, then `--resume`: the metrics of
+    the interrupted-and-resumed run equal those of an uninterrupted one."""
+    out_dir = tmp_path / "runs"
+    args = [*TINY, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.epochs=3"]
+    threads = str(min(2, os.cpu_count() or 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    command = [sys.executable, "-m", "train", "--no-progress"]
+    proc = subprocess.Popen([*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out_dir.glob("*/metrics.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 3:
+            metrics = found[0]
+            break
+        time.sleep(0.05)
+    assert metrics is not None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in out and "Traceback" not in err
+    run_dir = metrics.parent
+    stopped_at = ckpt.load(run_dir / "last.pt")["step"]
+    assert 3 <= stopped_at < 18
+
+    resumed = subprocess.run([*command, "--resume", str(run_dir)], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {stopped_at}" in resumed.stdout
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 19))
+
+    from train.loop import pretrain
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    pretrain(tiny_config(tiny_data, tmp_path, {"train": {"epochs": 3}}), reference, scan_image_folder(tiny_data),
+             progress=False)
+    expected = read_metrics(reference)
+    for row, want in zip(rows, expected):
+        assert (row["step"], row["loss"], row["lr"]) == (want["step"], want["loss"], want["lr"])

@@ -1,0 +1,109 @@
+"""Configuration (train/config.py): typed, validated, one error line per mistake."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from train.config import (
+    CONFIG_DIR, Config, ConfigError, apply, dump_yaml, load_config, parse_override, resolve_runtime, validate,
+)
+
+
+def _keys(cfg: Config) -> set[str]:
+    return {f"{s}.{k}" for s, section in cfg.to_dict().items() for k in section}
+
+
+def test_smoke_config_is_the_default_and_lists_every_key():
+    assert load_config("smoke") == Config()
+    listed = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    assert {f"{s}.{k}" for s, section in listed.items() for k in section} == _keys(Config())
+
+
+@pytest.mark.parametrize("name", ["smoke", "imagenet_r18", "imagenet_r50"])
+def test_shipped_configs_load_and_validate(name):
+    cfg = validate(load_config(name))
+    assert cfg.method.name == "iecl"
+
+
+def test_imagenet_configs_carry_the_paper_hyperparameters():
+    for name, backbone in [("imagenet_r50", "resnet50"), ("imagenet_r18", "resnet18")]:
+        cfg = load_config(name)
+        assert cfg.model.backbone == backbone
+        assert (cfg.train.batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (256, 0.3, 1e-5)
+        assert (cfg.method.lambda_entropy, cfg.method.beta_kl, cfg.saib.weight_decay) == (0.2, 0.09, 1e-4)
+        assert (cfg.model.projector_hidden, cfg.model.projector_out, cfg.run.seed) == (4096, 512, 42)
+        assert cfg.method.momentum == 0.9 and cfg.data.image_size == 224 and cfg.saib.patch_size == 16
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.batch_size=64", "optim.lr=1e-4", "data.crop_scale=[0.3, 1]", "train.compile=true"])
+    assert cfg.train.batch_size == 64 and isinstance(cfg.train.batch_size, int)
+    assert cfg.optim.lr == 1e-4  # YAML 1.1 reads "1e-4" as a string; the float field converts it
+    assert cfg.data.crop_scale == (0.3, 1.0)
+    assert cfg.train.compile is True
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batchsize=64", "unknown config key 'train.batchsize' (did you mean 'train.batch_size'?)"),
+    ("trian.epochs=3", "unknown config key 'trian'"),
+    ("train.batch_size=abc", "train.batch_size: expected an integer, got 'abc'"),
+    ("train.batch_size=3.5", "train.batch_size: expected an integer"),
+    ("train.compile=maybe", "train.compile: expected true or false"),
+    ("model.backbone=vit", "model.backbone: 'vit' is not one of resnet18, resnet50"),
+    ("data.crop_scale=[0.2]", "data.crop_scale: expected a list of 2 values"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("batch_size=3", "must look like section.key=value"),
+])
+def test_bad_keys_and_types_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_a_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: 2\n  lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.lerning_rate'"):
+        load_config(str(path))
+
+
+def test_missing_config_file_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="imagenet_r50"):
+        load_config("no_such_config")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("saib.patch_size=12", "saib.patch_size 12 must divide data.image_size 64; try saib.patch_size=8"),
+    ("train.batch_size=1", "train.batch_size must be at least 2"),
+    ("data.crop_scale=[0.9, 0.5]", "data.crop_scale must satisfy"),
+    ("method.momentum=1.0", "method.momentum must lie in [0, 1)"),
+    ("data.synthetic_images=16", "data.synthetic_images (16) must be at least train.batch_size (32)"),
+])
+def test_invalid_combinations_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(None, [override]))
+    assert message in str(err.value)
+
+
+def test_runtime_resolution_and_refusals():
+    cfg = resolve_runtime(validate(Config()), cuda_available=False, bf16_supported=False)
+    assert (cfg.train.device, cfg.train.precision) == ("cpu", "fp32")
+    cfg = resolve_runtime(validate(Config()), cuda_available=True, bf16_supported=True)
+    assert (cfg.train.device, cfg.train.precision) == ("cuda", "bf16")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_runtime(load_config(None, ["train.precision=fp16"]), False, False)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_runtime(load_config(None, ["train.device=cuda"]), False, False)
+
+
+def test_resolved_config_round_trips_through_yaml():
+    """What a run directory's config.yaml holds loads back to the same config
+    (and every field's type is one the checker understands)."""
+    cfg = load_config("imagenet_r50", ["data.crop_scale=[0.3, 0.9]"])
+    assert apply(Config(), yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("data.root=/a/b") == {"data": {"root": "/a/b"}}
+    assert parse_override("data.crop_scale=null") == {"data": {"crop_scale": None}}

@@ -1,0 +1,180 @@
+"""The training loop (train/loop.py): it learns, it resumes exactly, its checkpoints are atomic."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from kernels.view_prep import prepare_view_reference
+from pipeline import MEAN_255, STD_255, scan_image_folder
+from train import checkpoint as ckpt
+from train.loop import build, pretrain
+from train.optim import warmup_cosine
+from train.metrics import read_metrics
+
+from conftest import tiny_config
+
+CPU = torch.device("cpu")
+MEAN, STD = torch.tensor(MEAN_255), torch.tensor(STD_255)
+
+
+def _views(batch):
+    return (prepare_view_reference(batch.anchor, MEAN, STD, torch.float32),
+            prepare_view_reference(batch.query, MEAN, STD, torch.float32))
+
+
+def test_optimisation_path_fits_a_fixed_batch(tiny_data, tmp_path):
+    """Method, parameter groups and optimizer as the loop builds them: repeated steps
+    on one batch of views must drive its contrastive loss far down."""
+    cfg = tiny_config(tiny_data, tmp_path, {"optim": {"lr": 1e-3, "lr_scaling": "none"}})
+    method, loader, optimizer, _, _ = build(cfg, scan_image_folder(tiny_data), CPU)
+    loader.set_epoch(0)
+    anchor, query = _views(next(iter(loader)))
+    history = []
+    for _ in range(15):
+        losses = method.training_step(anchor, query)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        method.momentum_update(0.0)
+        history.append(losses["loss_nce"].item())
+    assert history[-1] < 0.5 * history[0], history
+
+
+def test_short_pretraining_run_lowers_the_loss(sixteen_images, tmp_path):
+    """A real 30-step run through `pretrain` (fresh augmentations every step);
+    the loss is measured on fixed held-out batches of views before and after,
+    which removes the step-to-step augmentation noise."""
+    cfg = tiny_config(sixteen_images, tmp_path / "runs", {
+        "data": {"image_size": 64, "crop_scale": [0.5, 1.0]},
+        "optim": {"lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 2},
+        "train": {"batch_size": 16, "epochs": 30, "log_every": 5},
+    })
+    images = scan_image_folder(sixteen_images)
+
+    def held_out_loss(method, loader) -> float:
+        total = 0.0
+        for epoch in (1000, 1001, 1002):  # epochs the run never reaches
+            loader.set_epoch(epoch)
+            with torch.no_grad():
+                total += method.training_step(*_views(next(iter(loader))))["loss"].item()
+        return total / 3
+
+    method, loader, *_ = build(cfg, images, CPU)
+    before = held_out_loss(method, loader)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    pretrain(cfg, run_dir, images, progress=False)
+    trained, loader, *_ = build(cfg, images, CPU)
+    trained.load_state_dict(ckpt.load(run_dir / "last.pt")["method"])
+    after = held_out_loss(trained, loader)
+    assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("resume_at", [4, 6])  # mid-epoch, and exactly at an epoch end
+def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch, resume_at):
+    cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 2, "checkpoint_every": resume_at}})
+    images = scan_image_folder(tiny_data)
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    real_save = ckpt.save_atomic
+
+    def save_and_keep(state, path):
+        real_save(state, path)
+        shutil.copy(path, snapshots / f"step{state['step']}.pt")
+
+    monkeypatch.setattr(ckpt, "save_atomic", save_and_keep)
+    full = tmp_path / "full"
+    full.mkdir()
+    pretrain(cfg, full, images, progress=False)
+    monkeypatch.undo()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    state = ckpt.load(snapshots / f"step{resume_at}.pt")
+    assert state["step"] == resume_at
+    pretrain(cfg, resumed, images, state=state, progress=False)
+
+    expected = {r["step"]: r for r in read_metrics(full)}
+    rows = read_metrics(resumed)
+    assert [r["step"] for r in rows] == list(range(resume_at + 1, 13))
+    for row in rows:
+        for key in ("loss", "loss_nce", "loss_kl", "entropy", "lr", "epoch"):
+            assert row[key] == expected[row["step"]][key], (row["step"], key)
+    final_full, final_resumed = ckpt.load(full / "last.pt"), ckpt.load(resumed / "last.pt")
+    for name, tensor in final_full["method"].items():
+        assert torch.equal(tensor, final_resumed["method"][name]), name
+    assert final_resumed["step"] == 12 and final_resumed["epoch"] == 2
+
+
+def test_run_outputs(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 1, "log_every": 2}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = pretrain(cfg, run_dir, scan_image_folder(tiny_data), progress=False)
+    assert summary.steps == 6 and summary.stopped_by == "done" and summary.img_per_s > 0
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        assert {"step", "epoch", "loss", "loss_nce", "loss_kl", "entropy", "lr", "img_per_s"} <= set(row)
+        assert row["loss"] == pytest.approx(row["loss_nce"] + 0.09 * row["loss_kl"] - 0.2 * row["entropy"], rel=1e-4)
+    assert rows[-1]["epoch"] == 1.0
+    base = 4e-3 * 8 / 256  # optim.lr per 256 images, scaled to batch 8
+    for row in rows:  # warm-up 0.5 epoch = 3 steps, then cosine over the remaining 3
+        assert row["lr"] == pytest.approx(base * warmup_cosine(row["step"] - 1, 6, 3, 0.0))
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    state = ckpt.load(run_dir / "last.pt")
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (6, 1, 0)
+    assert set(state) >= {"method", "optimizer", "scaler", "rng", "config"}
+    assert any(k.startswith("target.") for k in state["method"]) and any(k.startswith("saib.") for k in state["method"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [warmup_cosine(step, total_steps=20, warmup_steps=5, min_ratio=0.1) for step in range(20)]
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[5] == 1.0  # the cosine starts where warm-up ends: the peak holds for two steps
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] > 0.1
+    assert warmup_cosine(20, 20, 5, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(12, 20, 5, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "step": 1, "weights": torch.ones(3)}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "step": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "step": 3, "weights": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[:1500])  # cut short, as by a crash of a non-atomic writer
+    with pytest.raises(ckpt.CheckpointError, match="not a readable checkpoint"):
+        ckpt.load(path)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        ckpt.load(tmp_path / "missing.pt")
+    torch.save({"something": "else"}, path)
+    with pytest.raises(ckpt.CheckpointError, match="not an iecl checkpoint"):
+        ckpt.load(path)
+
+
+def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    from train.metrics import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)))
+    log = MetricsLog(tmp_path, resume_step=5)
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]

@@ -1,0 +1,177 @@
+"""`iecl`: the command line.
+
+Errors a user can cause (a bad config key, a missing data folder, an
+unreadable image, an unusable run directory or checkpoint) are printed as one
+line, `iecl <command>: error: ...`, with exit status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import DataError
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+from train.run_dir import RunDirError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError)
+EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+PRETRAIN_HELP = """\
+Pretrain an encoder with IE-CL.
+
+With no arguments this is the smoke run: a ResNet-18 on a small synthetic
+ImageNet-style folder of JPEGs (made on first use under data.synthetic_cache,
+then reused), about a minute on two CPU cores. For real runs, start from a
+shipped config and override what differs:
+
+  iecl pretrain --config imagenet_r50 data.root=/data/imagenet/train
+  iecl pretrain --config configs/imagenet_r18.yaml train.batch_size=128 train.compile=true
+  iecl pretrain --resume runs/iecl-resnet50-20261125-101500
+
+Overrides are section.key=value (the value is read as YAML). Every key, with
+its meaning, is listed in configs/smoke.yaml. Each run writes a folder under
+run.out_dir with config.yaml (resolved), run.json, metrics.jsonl, tb/
+(TensorBoard) and last.pt. Ctrl-C (or SIGTERM) stops at the next step boundary
+after saving last.pt; --resume continues from it exactly.
+"""
+
+SYNTHETIC_HELP = """\
+Write a synthetic ImageNet-style folder of JPEGs: DIR/<class>/<class>_<index>.JPEG.
+
+Images have ImageNet-like sizes (mostly 500 px on the long side) and content
+(smooth shapes in class colours plus texture), about 100 KB each. The same
+arguments always give the same files; if DIR already holds exactly this
+dataset, nothing is written.
+
+  iecl make-synthetic /data/synthetic-10k --images 10000 --classes 100
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iecl", description="IE-CL self-supervised pretraining pipeline.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_pretrain(commands)
+    _add_make_synthetic(commands)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        print(f"iecl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_pretrain(commands) -> None:
+    p = commands.add_parser(
+        "pretrain", help="pretrain IE-CL (no arguments: a one-minute CPU smoke run)",
+        description=PRETRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied last")
+    p.add_argument("--config", metavar="NAME|PATH", help="a shipped config (smoke, imagenet_r18, imagenet_r50) or a YAML file")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.set_defaults(run=run_pretrain)
+
+
+def _add_make_synthetic(commands) -> None:
+    p = commands.add_parser(
+        "make-synthetic", help="write a synthetic ImageNet-style JPEG folder",
+        description=SYNTHETIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--images", type=int, required=True, metavar="N")
+    p.add_argument("--classes", type=int, required=True, metavar="K")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it holds something else")
+    p.set_defaults(run=run_make_synthetic)
+
+
+def run_pretrain(args) -> int:
+    import torch
+
+    from train import checkpoint as ckpt
+    from train.config import load_config, resolve_runtime, validate
+    from train.data import resolve_images
+    from train.loop import pretrain, total_steps
+    from train.run_dir import config_of_run, create_run_dir, write_run_files
+
+    if args.resume and args.config:
+        raise ConfigError("--resume takes the run's own config.yaml; drop --config (overrides are still allowed)")
+    state = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(str(config_of_run(run_dir)), args.overrides)
+        state = ckpt.load(run_dir / "last.pt")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    cuda = torch.cuda.is_available()
+    resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+    images = resolve_images(cfg.data, progress=not args.no_progress)  # before anything is written
+    if state is not None and state["dataset"]["images"] != len(images):
+        print(
+            f"iecl pretrain: warning: {images.root} now has {len(images)} images, the checkpoint was made "
+            f"with {state['dataset']['images']}; the data order from here on differs from the original run",
+            file=sys.stderr,
+        )
+    if not args.resume:
+        run_dir = create_run_dir(cfg)
+    steps_per_epoch = len(images) // cfg.train.batch_size
+    steps = total_steps(cfg, steps_per_epoch)
+    if state is not None and state["step"] >= steps:
+        print(f"iecl pretrain: {run_dir} is already complete ({state['step']} of {steps} steps); "
+              "raise train.epochs or train.max_steps to continue it")
+        return 0
+    write_run_files(run_dir, cfg, {"images": len(images), "data_root": images.root}, resumed=state is not None)
+    _print_header(cfg, images, steps, run_dir, state)
+    summary = pretrain(cfg, run_dir, images, state, progress=not args.no_progress)
+    _print_summary(summary)
+    return EXIT_ON_SIGNAL.get(summary.stopped_by, 0)
+
+
+def _print_header(cfg, images, steps: int, run_dir: Path, state: dict | None) -> None:
+    t, m = cfg.train, cfg.model
+    where = f"resuming at step {state['step']}" if state else "new run"
+    print(
+        f"iecl pretrain: {cfg.method.name} {m.backbone}{' +SAIB' if cfg.saib.enabled else ''} on {len(images)} images "
+        f"({images.root}), {t.device} {t.precision}, batch {t.batch_size}, {cfg.data.image_size}px, "
+        f"{steps} steps; {where} in {run_dir}",
+        flush=True,
+    )
+
+
+def _print_summary(s) -> None:
+    f = s.final
+    state = "done" if s.stopped_by == "done" else f"stopped by {s.stopped_by} (resume with --resume {s.run_dir})"
+    print(f"iecl pretrain: {state}: {s.steps} steps ({s.epochs:.2f} epochs), {s.steps_this_session} this session in {s.seconds:.1f} s")
+    print(f"  throughput  {s.img_per_s:.1f} images/s (each image gives two views; first steps excluded)")
+    if f:
+        print(f"  final loss  {f['loss']:.4f} (nce {f['loss_nce']:.4f}, kl {f['loss_kl']:.4f}, entropy {f['entropy']:.3f})")
+    print(f"  run dir     {s.run_dir}: config.yaml run.json metrics.jsonl tb/ last.pt")
+
+
+def run_make_synthetic(args) -> int:
+    from pipeline.synthetic import SyntheticSpec, make_synthetic
+
+    spec = SyntheticSpec(args.images, args.classes, seed=args.seed, quality=args.quality)
+    start = time.perf_counter()
+    info = make_synthetic(args.dir, spec, workers=args.workers, overwrite=args.overwrite)
+    if info["reused"]:
+        print(f"{info['root']} already holds this dataset ({spec.images} images, {spec.classes} classes); nothing written")
+    else:
+        mb = info["bytes"] / 1e6
+        print(
+            f"wrote {spec.images} images in {spec.classes} classes to {info['root']} "
+            f"({mb:.1f} MB, {info['bytes'] / spec.images / 1024:.0f} KB per image) in {time.perf_counter() - start:.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

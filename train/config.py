@@ -1,0 +1,334 @@
+"""The one configuration object: typed sections, defaults = the `smoke` run.
+
+Sources, later ones winning: the defaults below, a YAML file (`--config`, a
+path or a shipped name such as `imagenet_r50`), then `section.key=value`
+overrides from the command line. Every key is checked: an unknown key or a
+value of the wrong type is a `ConfigError` naming the key, and `validate`
+refuses combinations that cannot run, saying what to change. The resolved
+config (devices and precisions decided) is written to each run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import shutil
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # "" -> "<method>-<backbone>"; a timestamp is appended
+    out_dir: str = "runs"
+    seed: int = 42
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["pil"] = "pil"
+    root: str = ""  # "" -> a synthetic ImageNet-style folder, made once and reused
+    synthetic_images: int = 512
+    synthetic_classes: int = 8
+    synthetic_cache: str = "~/.cache/iecl"
+    image_size: int = 64  # side of both square views
+    recipe: Literal["mocov2", "simclr", "byol"] = "mocov2"
+    crop_scale: Optional[tuple[float, float]] = None  # None -> the recipe's own
+    workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    spectral_norm: bool = True
+    projector_hidden: int = 512
+    projector_out: int = 128
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["iecl"] = "iecl"
+    momentum: float = 0.9  # target encoder EMA (paper: 0.9; MoCo uses 0.99-0.999)
+    tau: float = 0.2
+    lambda_entropy: float = 0.2  # lambda
+    beta_kl: float = 0.09  # beta
+    entropy: Literal["coding_rate", "renyi2"] = "coding_rate"
+    coding_rate_eps: float = 0.5
+
+
+@dataclass
+class SAIBConfig:
+    enabled: bool = True
+    patch_size: int = 16
+    weight_decay: float = 1e-4  # gamma
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lars"] = "adamw"
+    lr: float = 4e-3  # per 256 images when lr_scaling is linear
+    lr_scaling: Literal["linear", "none"] = "linear"
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)  # LARS uses betas[0] as its momentum
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    impl: Literal["auto", "torch", "apex"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # per device
+    epochs: int = 3
+    max_steps: int = 0  # 0: no limit; otherwise stop (and end the schedule) there
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
+    channels_last: bool = True
+    log_every: int = 4  # steps
+    checkpoint_every: int = 100  # steps between last.pt writes; also written at the end and on a stop
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    saib: SAIBConfig = field(default_factory=SAIBConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {annotation!r}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in _fields(Config).items() for k in _fields(cls)]
+
+
+def apply(cfg: Config, updates: dict, source: str = "") -> Config:
+    """Apply a nested {section: {key: value}} mapping onto `cfg`, checking every key."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source or 'config'}: expected a mapping of sections, got {type(updates).__name__}")
+    sections = _fields(Config)
+    for section, values in updates.items():
+        if section not in sections:
+            raise _unknown(str(section), list(sections))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        target, types = getattr(cfg, section), _fields(sections[section])
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            if key not in types:
+                raise _unknown(full, _all_keys())
+            setattr(target, key, _coerce(full, value, types[key]))
+    return cfg
+
+
+def parse_override(text: str) -> dict:
+    """'train.batch_size=64' -> {'train': {'batch_size': 64}} (value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.batch_size=64")
+    section, _, name = key.strip().partition(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return {section: {name: value}}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config ({', '.join(names)})")
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    return data or {}
+
+
+def load_config(config: str | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if config:
+        path = resolve_config_path(config)
+        apply(cfg, load_yaml(path), str(path))
+    for text in overrides:
+        apply(cfg, parse_override(text), text)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse settings that cannot run, before anything is written."""
+    d, t, o, m, s = cfg.data, cfg.train, cfg.optim, cfg.method, cfg.saib
+    _require(t.batch_size >= 2, f"train.batch_size must be at least 2 (in-batch negatives), got {t.batch_size}")
+    _require(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
+    _require(t.max_steps >= 0, f"train.max_steps must be 0 (no limit) or positive, got {t.max_steps}")
+    _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    _require(t.checkpoint_every >= 0, f"train.checkpoint_every must be 0 (only at the end) or positive, got {t.checkpoint_every}")
+    _require(d.image_size >= 32, f"data.image_size must be at least 32, got {d.image_size}")
+    _require(d.workers >= 0, f"data.workers must be 0 or more, got {d.workers}")
+    if d.crop_scale is not None:
+        lo, hi = d.crop_scale
+        _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(d.crop_scale)}")
+    if not d.root:
+        _require(d.synthetic_classes >= 1, "data.synthetic_classes must be at least 1")
+        _require(
+            d.synthetic_images >= t.batch_size,
+            f"data.synthetic_images ({d.synthetic_images}) must be at least train.batch_size ({t.batch_size})",
+        )
+    if s.enabled:
+        _require(s.patch_size >= 1, f"saib.patch_size must be positive, got {s.patch_size}")
+        _require(
+            d.image_size % s.patch_size == 0,
+            f"saib.patch_size {s.patch_size} must divide data.image_size {d.image_size}; "
+            f"try saib.patch_size={_largest_divisor(d.image_size, s.patch_size)}",
+        )
+    _require(s.weight_decay >= 0, f"saib.weight_decay must be 0 or more, got {s.weight_decay}")
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be 0 or more, got {o.weight_decay}")
+    _require(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {list(o.betas)}")
+    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be 0 or more, got {o.warmup_epochs}")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
+    _require(0 <= m.momentum < 1, f"method.momentum must lie in [0, 1), got {m.momentum}")
+    _require(m.tau > 0, f"method.tau must be positive, got {m.tau}")
+    _require(m.coding_rate_eps > 0, f"method.coding_rate_eps must be positive, got {m.coding_rate_eps}")
+    for key in ("projector_hidden", "projector_out"):
+        _require(getattr(cfg.model, key) >= 1, f"model.{key} must be positive")
+    return cfg
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(k for k in range(1, at_most + 1) if n % k == 0)
+
+
+def resolve_runtime(cfg: Config, cuda_available: bool, bf16_supported: bool) -> Config:
+    """Decide `auto` device and precision, and refuse what this machine cannot do."""
+    t = cfg.train
+    if t.device == "auto":
+        t.device = "cuda" if cuda_available else "cpu"
+    _require(t.device != "cuda" or cuda_available, "train.device=cuda but no CUDA device is available; use train.device=cpu")
+    if t.precision == "auto":
+        t.precision = "bf16" if t.device == "cuda" and bf16_supported else "fp32"
+    _require(
+        not (t.precision == "fp16" and t.device == "cpu"),
+        "train.precision=fp16 needs a GPU (CPU autocast has no fp16 path worth using); use bf16 or fp32",
+    )
+    _require(
+        not (t.precision == "bf16" and t.device == "cuda" and not bf16_supported),
+        "this GPU has no bf16 support; use train.precision=fp16",
+    )
+    if t.compile:
+        _require(_compiler_available(t.device), _NO_COMPILER[t.device])
+    if cfg.optim.impl == "apex":
+        _require(t.device == "cuda", "optim.impl=apex needs a GPU; use optim.impl=torch")
+    return cfg
+
+
+_NO_COMPILER = {
+    "cpu": "train.compile=true on a CPU needs a C++ compiler (set CXX or install g++); or set train.compile=false",
+    "cuda": "train.compile=true on a GPU needs Triton (pip install triton); or set train.compile=false",
+}
+
+
+def _compiler_available(device: str) -> bool:
+    if device == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

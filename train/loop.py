@@ -1,0 +1,316 @@
+"""The pretraining loop.
+
+One step: prepare both views (normalise, cast, channels-last), the method's
+`training_step` under autocast, backward through the gradient scaler (active
+for fp16 only), the optimizer step, the momentum update. Losses stay on the
+device between log steps, so the GPU is synchronised only when a row is logged
+(every `train.log_every` steps) and when the run's throughput is measured.
+
+A run is resumable at every step boundary: the checkpoint holds the step, the
+position in the epoch, the method (online, target, SAIB), optimizer, scaler
+and RNG states; the loader recomputes the epoch's order from (seed, epoch) and
+skips the batches already done.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kernels.view_prep import prepare_view_reference
+from model.methods import Method, build_method
+from pipeline import MEAN_255, STD_255, DataError, ImageList, build_loader
+from train import checkpoint as ckpt
+from train.config import Config
+from train.metrics import MetricsLog
+from train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LOSS_KEYS = ("loss", "loss_nce", "loss_kl", "entropy")
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` done
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    steps: int  # total steps done, including before a resume
+    steps_this_session: int
+    epochs: float
+    seconds: float
+    img_per_s: float  # steady state: after the first `warmup_steps` of this session
+    final: dict  # last logged row
+    stopped_by: str  # "done", "SIGINT" or "SIGTERM"
+
+
+def build(cfg: Config, images: ImageList, device: torch.device):
+    """The method, loader, optimizer and scaler for `cfg` (before any resume)."""
+    torch.manual_seed(cfg.run.seed)
+    d, m = cfg.data, cfg.model
+    loader = build_loader(
+        d.backend,
+        images,
+        batch_size=cfg.train.batch_size,
+        image_size=d.image_size,
+        recipe=d.recipe,
+        crop_scale=d.crop_scale,
+        seed=cfg.run.seed,
+        workers=d.workers,
+        device=device,
+    )
+    method = build_method(
+        cfg.method.name,
+        backbone=m.backbone,
+        spectral_norm=m.spectral_norm,
+        projector_hidden=m.projector_hidden,
+        projector_out=m.projector_out,
+        batch_size=cfg.train.batch_size,
+        image_size=d.image_size,
+        saib=cfg.saib.enabled,
+        patch_size=cfg.saib.patch_size,
+        saib_weight_decay=cfg.saib.weight_decay,
+        tau=cfg.method.tau,
+        momentum=cfg.method.momentum,
+        lambda_entropy=cfg.method.lambda_entropy,
+        beta_kl=cfg.method.beta_kl,
+        entropy=cfg.method.entropy,
+        coding_rate_eps=cfg.method.coding_rate_eps,
+    ).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    base_lr = scaled_lr(cfg.optim, cfg.train.batch_size)
+    optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim, base_lr, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return method, loader, optimizer, scaler, base_lr
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    steps = steps_per_epoch * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (and save);
+    a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @contextmanager
+    def installed(self):
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def pretrain(
+    cfg: Config,
+    run_dir: Path,
+    images: ImageList,
+    state: dict | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Train `cfg` into `run_dir`, continuing from checkpoint `state` if given."""
+    device = torch.device(cfg.train.device)
+    method, loader, optimizer, scaler, base_lr = build(cfg, images, device)
+    pos = Position()
+    if state is not None:
+        pos = _restore(state, method, optimizer, scaler)
+    if cfg.train.compile:
+        method.compile_encoders()
+    steps_per_epoch = len(loader)
+    total = total_steps(cfg, steps_per_epoch)
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    dtype = DTYPES[cfg.train.precision]
+    mean = torch.tensor(MEAN_255, device=device)
+    std = torch.tensor(STD_255, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    metrics = MetricsLog(run_dir, resume_step=pos.step if state is not None else None)
+    bar = tqdm(total=total, initial=pos.step, unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    window = _Window(cfg.train.batch_size, device)
+    throughput = _Throughput(pos.step, cfg.train.batch_size, device)
+    stop = StopRequest()
+    last_saved = pos.step if state is not None else -1
+    row: dict = {}
+
+    def save() -> None:
+        nonlocal last_saved
+        ckpt.save_atomic(_state(cfg, images, pos, method, optimizer, scaler), run_dir / "last.pt")
+        last_saved = pos.step
+
+    method.train()
+    try:
+        with stop.installed():
+            while pos.step < total and stop.signal is None:
+                loader.set_epoch(pos.epoch, pos.batch_in_epoch)
+                for batch in loader:
+                    lr = base_lr * warmup_cosine(pos.step, total, warmup, cfg.optim.min_lr_ratio)
+                    set_lr(optimizer, lr)
+                    anchor = prepare_view_reference(batch.anchor, mean, std, dtype)
+                    query = prepare_view_reference(batch.query, mean, std, dtype)
+                    with autocast:
+                        losses = method.training_step(anchor, query)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(losses["loss"]).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    method.momentum_update(pos.step / total)
+                    pos.step += 1
+                    pos.batch_in_epoch += 1
+                    if pos.batch_in_epoch == steps_per_epoch:  # the epoch's last batch
+                        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                    window.add(losses)
+                    bar.update()
+                    throughput.step_done(pos.step)
+                    if pos.step % cfg.train.log_every == 0 or pos.step == total:
+                        row = window.flush(pos, steps_per_epoch, lr)
+                        metrics.log(row)
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", lr=f"{lr:.2e}")
+                    if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
+                        save()
+                    if pos.step >= total or stop.signal is not None:
+                        break
+        if last_saved != pos.step:
+            save()
+    except DataError as err:
+        if pos.step > last_saved:
+            save()
+        raise DataError(
+            f"{err}. Progress up to step {pos.step} is in {run_dir / 'last.pt'}; "
+            f"continue with: iecl pretrain --resume {run_dir}"
+        ) from None
+    finally:
+        bar.close()
+        metrics.close()
+    return Summary(
+        run_dir=str(run_dir),
+        steps=pos.step,
+        steps_this_session=throughput.steps,
+        epochs=pos.epoch + pos.batch_in_epoch / steps_per_epoch,
+        seconds=throughput.elapsed(),
+        img_per_s=throughput.img_per_s(),
+        final=row,
+        stopped_by=stop.signal or "done",
+    )
+
+
+class _Window:
+    """Losses summed on the device between log steps (no per-step sync)."""
+
+    def __init__(self, batch_size: int, device: torch.device) -> None:
+        self.batch_size, self.device = batch_size, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for key in LOSS_KEYS:
+            value = losses[key].detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+
+    def flush(self, pos: Position, steps_per_epoch: int, lr: float) -> dict:
+        values = {k: v.item() / self.steps for k, v in self.sums.items()}  # .item() synchronises
+        now = time.perf_counter()
+        row = {
+            "step": pos.step,
+            "epoch": round(pos.epoch + pos.batch_in_epoch / steps_per_epoch, 4),
+            **values,
+            "lr": lr,
+            "img_per_s": self.steps * self.batch_size / (now - self.start),
+            "time": time.time(),
+        }
+        if not all(math.isfinite(v) for v in values.values()):
+            row["nonfinite"] = True
+        self.sums, self.steps, self.start = {}, 0, now
+        return row
+
+
+class _Throughput:
+    """Images/s of this session, excluding the first steps (allocator warm-up,
+    cuDNN autotuning, compilation), with the device synchronised at both ends."""
+
+    def __init__(self, start_step: int, batch_size: int, device: torch.device, warmup_steps: int = 3) -> None:
+        self.start_step, self.batch_size, self.device = start_step, batch_size, device
+        self.warmup_steps = warmup_steps
+        self.t_begin = time.perf_counter()
+        self.t_warm: float | None = None
+        self.warm_step = 0
+        self.steps = 0
+        self.t_end = self.t_begin
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step_done(self, step: int) -> None:
+        self.steps = step - self.start_step
+        if self.steps == self.warmup_steps:
+            self._sync()
+            self.t_warm, self.warm_step = time.perf_counter(), self.steps
+        self.t_end = time.perf_counter()
+
+    def elapsed(self) -> float:
+        self._sync()
+        self.t_end = time.perf_counter()
+        return self.t_end - self.t_begin
+
+    def img_per_s(self) -> float:
+        if self.t_warm is not None and self.steps > self.warm_step:
+            return (self.steps - self.warm_step) * self.batch_size / (self.t_end - self.t_warm)
+        span = self.t_end - self.t_begin
+        return self.steps * self.batch_size / span if span > 0 and self.steps else 0.0
+
+
+def _state(cfg: Config, images: ImageList, pos: Position, method: Method, optimizer, scaler) -> dict:
+    return {
+        "format": ckpt.FORMAT,
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "batch_in_epoch": pos.batch_in_epoch,
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "config": cfg.to_dict(),
+        "dataset": {"root": images.root, "images": len(images)},
+    }
+
+
+def _restore(state: dict, method: Method, optimizer, scaler) -> Position:
+    try:
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ckpt.CheckpointError(
+            f"the checkpoint does not fit this configuration (changed model, batch or image size?): {err}"
+        ) from None
+    scaler.load_state_dict(state["scaler"])
+    ckpt.restore_rng(state["rng"])
+    return Position(state["step"], state["epoch"], state["batch_in_epoch"])
