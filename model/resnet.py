@@ -15,7 +15,7 @@ evaluation heads sit on top of that (timm's forward_features / head split).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -28,8 +28,8 @@ samples: loaders drop the last partial batch.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 def unpatchify(p: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
     """Inverse of `patchify`: (N, B, p, p) -> (B, C, H, W)."""
-    n, b, patch, _ = p.shape
+    _, b, patch, _ = p.shape
     x = p.reshape(channels, height // patch, width // patch, b, patch, patch)
     x = x.permute(3, 0, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
     return x.reshape(b, channels, height, width)

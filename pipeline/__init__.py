@@ -52,11 +52,11 @@ def build_loader(
 
 __all__ = [
     "BACKENDS",
-    "DataError",
-    "ImageList",
     "MEAN_255",
     "RECIPES",
     "STD_255",
+    "DataError",
+    "ImageList",
     "ViewBatch",
     "build_loader",
     "scan_image_folder",

@@ -75,8 +75,8 @@ def sample_crop(
     for _ in range(10):
         target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
@@ -84,9 +84,9 @@ def sample_crop(
     # Fallback: the largest central crop with the aspect ratio clamped into range.
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
+        w, h = round(height * ratio[1]), height
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
@@ -95,7 +95,7 @@ def sample_crop(
 def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
     """Rotate hue by `shift` turns (torchvision's PIL adjust_hue)."""
     h, s, v = img.convert("HSV").split()
-    h_shifted = (np.asarray(h, np.uint8) + np.uint8(int(round(shift * 255)) % 256)).astype(np.uint8)
+    h_shifted = (np.asarray(h, np.uint8) + np.uint8(round(shift * 255) % 256)).astype(np.uint8)
     return Image.merge("HSV", (Image.fromarray(h_shifted, "L"), s, v)).convert("RGB")
 
 

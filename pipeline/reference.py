@@ -9,7 +9,8 @@ copy); normalisation happens on the device.
 from __future__ import annotations
 
 import signal
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch

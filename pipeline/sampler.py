@@ -12,7 +12,7 @@ that is how a resumed run continues from the next batch.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -75,7 +75,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
     long_side = int(rng.choice(_LONG_SIDES))
-    short = int(round(long_side * rng.choice(_ASPECTS, p=_ASPECT_WEIGHTS)))
+    short = round(long_side * rng.choice(_ASPECTS, p=_ASPECT_WEIGHTS))
     return (short, long_side) if rng.uniform() < 0.25 else (long_side, short)  # (w, h)
 
 

@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from train.config import (
-    CONFIG_DIR, Config, ConfigError, apply, dump_yaml, load_config, parse_override, resolve_runtime, validate,
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    apply,
+    dump_yaml,
+    load_config,
+    parse_override,
+    resolve_runtime,
+    validate,
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_entropy_grows_as_embeddings_spread(estimator):
     centre = torch.randn(1, 64)
     noise = torch.randn(128, 64)
     values = [estimator(centre + s * noise).item() for s in (0.01, 0.1, 0.3, 1.0, 3.0)]
-    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert all(a < b for a, b in pairwise(values)), values
 
 
 def test_renyi2_bounds():

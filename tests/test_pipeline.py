@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def _digest(root) -> dict[str, str]:
         for name in files:
             if name.endswith(".JPEG"):
                 path = os.path.join(dirpath, name)
-                out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                out[os.path.relpath(path, root)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return out
 
 

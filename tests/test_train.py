@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from itertools import pairwise
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from kernels.view_prep import prepare_view_reference
 from pipeline import MEAN_255, STD_255, scan_image_folder
 from train import checkpoint as ckpt
 from train.loop import build, pretrain
-from train.optim import warmup_cosine
 from train.metrics import read_metrics
-
-from conftest import tiny_config
+from train.optim import warmup_cosine
 
 CPU = torch.device("cpu")
 MEAN, STD = torch.tensor(MEAN_255), torch.tensor(STD_255)
@@ -137,7 +137,7 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [warmup_cosine(step, total_steps=20, warmup_steps=5, min_ratio=0.1) for step in range(20)]
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert lrs[5] == 1.0  # the cosine starts where warm-up ends: the peak holds for two steps
-    assert all(a > b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] > 0.1
+    assert all(a > b for a, b in pairwise(lrs[5:])) and lrs[-1] > 0.1
     assert warmup_cosine(20, 20, 5, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(12, 20, 5, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
 

@@ -47,7 +47,7 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file can fail in many ways inside the unpickler
+    except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways inside the unpickler
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an iecl checkpoint (format {FORMAT})")

@@ -14,10 +14,11 @@ import dataclasses
 import difflib
 import os
 import shutil
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -44,7 +45,7 @@ class DataConfig:
     synthetic_cache: str = "~/.cache/iecl"
     image_size: int = 64  # side of both square views
     recipe: Literal["mocov2", "simclr", "byol"] = "mocov2"
-    crop_scale: Optional[tuple[float, float]] = None  # None -> the recipe's own
+    crop_scale: tuple[float, float] | None = None  # None -> the recipe's own
     workers: int = 2
 
 
@@ -126,7 +127,7 @@ def _plain(value: Any) -> Any:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None:
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))

@@ -17,7 +17,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None:
             self._drop_after(resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run, closed by close()
         # purge_step hides TensorBoard events logged after the checkpoint we resumed from.
         purge = resume_step + 1 if resume_step is not None else None
         self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)

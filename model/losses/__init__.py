@@ -2,7 +2,12 @@
 names the equation it implements. All of them compute in float32 whatever the
 autocast dtype of the embeddings they receive."""
 
-from model.losses.entropy import ENTROPY_ESTIMATORS, CodingRateEntropy, Renyi2Entropy, build_entropy
+from model.losses.entropy import (
+    ENTROPY_ESTIMATORS,
+    CodingRateEntropy,
+    Renyi2Entropy,
+    build_entropy,
+)
 from model.losses.infonce import InfoNCE
 from model.losses.kl import GaussianKL
 
