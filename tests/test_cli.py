@@ -67,6 +67,14 @@ def test_empty_data_folder(capsys, tmp_path):
     assert code == 2 and "no images found" in _one_line_error(err)
 
 
+def test_dataset_smaller_than_a_batch(capsys, tmp_path, tiny_data):
+    out_dir = tmp_path / "runs"
+    code, _, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.batch_size=64")
+    assert code == 2
+    assert "the dataset has 48 images, fewer than one batch of 64" in _one_line_error(err)
+    assert not out_dir.exists()  # refused before a run directory is made
+
+
 def test_unknown_config_key(capsys, tmp_path):
     code, _, err = _pretrain(capsys, "train.epochz=3", f"run.out_dir={tmp_path}")
     assert code == 2

@@ -102,3 +102,18 @@ def test_losses_accept_low_precision_inputs():
     z = torch.randn(16, 8).bfloat16()
     for value in (InfoNCE()(z, z), GaussianKL()(z, z), CodingRateEntropy()(z), Renyi2Entropy()(z)):
         assert value.dtype == torch.float32 and torch.isfinite(value)
+
+
+@pytest.mark.parametrize("loss,inputs", [
+    (InfoNCE(0.2), 2), (GaussianKL(), 2), (CodingRateEntropy(0.5), 1), (Renyi2Entropy(), 1),
+])
+def test_losses_compute_in_float32_under_autocast(loss, inputs):
+    """Under a bf16 autocast region (where the training step runs), the matmuls
+    inside a loss must still be float32: the same value as outside autocast."""
+    torch.manual_seed(0)
+    zs = [torch.randn(64, 48) for _ in range(inputs)]
+    expected = loss(*zs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(*zs)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -98,7 +98,7 @@ def run_pretrain(args) -> int:
     from train import checkpoint as ckpt
     from train.config import load_config, resolve_runtime, validate
     from train.data import resolve_images
-    from train.loop import pretrain, total_steps
+    from train.loop import planned_steps, pretrain
     from train.run_dir import config_of_run, create_run_dir, write_run_files
 
     if args.resume and args.config:
@@ -113,7 +113,8 @@ def run_pretrain(args) -> int:
     validate(cfg)
     cuda = torch.cuda.is_available()
     resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
-    images = resolve_images(cfg.data, progress=not args.no_progress)  # before anything is written
+    images = resolve_images(cfg.data, progress=not args.no_progress)  # data errors before anything is written
+    steps = planned_steps(cfg, len(images))
     if state is not None and state["dataset"]["images"] != len(images):
         print(
             f"iecl pretrain: warning: {images.root} now has {len(images)} images, the checkpoint was made "
@@ -122,8 +123,6 @@ def run_pretrain(args) -> int:
         )
     if not args.resume:
         run_dir = create_run_dir(cfg)
-    steps_per_epoch = len(images) // cfg.train.batch_size
-    steps = total_steps(cfg, steps_per_epoch)
     if state is not None and state["step"] >= steps:
         print(f"iecl pretrain: {run_dir} is already complete ({state['step']} of {steps} steps); "
               "raise train.epochs or train.max_steps to continue it")

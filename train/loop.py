@@ -27,6 +27,7 @@ from tqdm import tqdm
 from kernels.view_prep import prepare_view_reference
 from model.methods import Method, build_method
 from pipeline import MEAN_255, STD_255, DataError, ImageList, build_loader
+from pipeline.sampler import EpochBatchSampler
 from train import checkpoint as ckpt
 from train.config import Config
 from train.metrics import MetricsLog
@@ -99,6 +100,12 @@ def build(cfg: Config, images: ImageList, device: torch.device):
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     steps = steps_per_epoch * cfg.train.epochs
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def planned_steps(cfg: Config, num_images: int) -> int:
+    """The run's length in steps; a `DataError` if the images cannot fill one batch.
+    Every loader backend yields the sampler's number of full batches per epoch."""
+    return total_steps(cfg, len(EpochBatchSampler(num_images, cfg.train.batch_size, cfg.run.seed)))
 
 
 class StopRequest:
@@ -236,7 +243,8 @@ class _Window:
         self.steps += 1
 
     def flush(self, pos: Position, steps_per_epoch: int, lr: float) -> dict:
-        values = {k: v.item() / self.steps for k, v in self.sums.items()}  # .item() synchronises
+        means = torch.stack(list(self.sums.values())).div_(self.steps).tolist()  # the one synchronisation
+        values = dict(zip(self.sums, means))
         now = time.perf_counter()
         row = {
             "step": pos.step,

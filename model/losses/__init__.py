@@ -1,6 +1,6 @@
 """Losses, one per file (lightly's layout): each an nn.Module whose docstring
-names the equation it implements. All of them compute in float32 whatever the
-autocast dtype of the embeddings they receive."""
+names the equation it implements. All of them compute in float32, autocast or
+not (`precision.float32_forward`)."""
 
 from model.losses.entropy import (
     ENTROPY_ESTIMATORS,

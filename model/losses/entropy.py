@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.losses.precision import float32_forward
+
 
 class CodingRateEntropy(nn.Module):
     """Total coding rate: H(Z) = 1/2 logdet(I_d + d / (n eps^2) Z^T Z).
@@ -25,8 +27,9 @@ class CodingRateEntropy(nn.Module):
         super().__init__()
         self.eps = eps
 
+    @float32_forward
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(z.float(), dim=1)
+        z = F.normalize(z, dim=1)
         n, d = z.shape
         gram = z.T @ z if d <= n else z @ z.T
         scale = d / (n * self.eps**2)
@@ -42,8 +45,9 @@ class Renyi2Entropy(nn.Module):
     0 when every embedding is the same, log n when they are orthogonal.
     """
 
+    @float32_forward
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(z.float(), dim=1)
+        z = F.normalize(z, dim=1)
         k = z @ z.T / z.shape[0]
         return -torch.log((k * k).sum())
 

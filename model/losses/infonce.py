@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.losses.precision import float32_forward
+
 
 class InfoNCE(nn.Module):
     """L = -1/B sum_i log( exp(q_i.k_i / tau) / sum_j exp(q_i.k_j / tau) ).
@@ -20,9 +22,10 @@ class InfoNCE(nn.Module):
         super().__init__()
         self.tau = tau
 
+    @float32_forward
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.float(), dim=1)
+        q = F.normalize(q, dim=1)
+        k = F.normalize(k, dim=1)
         logits = q @ k.T / self.tau  # (B, B): diagonal = positives
         labels = torch.arange(q.shape[0], device=q.device)
         return F.cross_entropy(logits, labels)

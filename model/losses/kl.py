@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.losses.precision import float32_forward
+
 
 class GaussianKL(nn.Module):
     """KL(p || q) with p, q diagonal Gaussians fitted to two batches.
@@ -26,9 +28,10 @@ class GaussianKL(nn.Module):
         super().__init__()
         self.eps = eps
 
+    @float32_forward
     def forward(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        p = F.normalize(p.float(), dim=1)
-        q = F.normalize(q.float(), dim=1)
+        p = F.normalize(p, dim=1)
+        q = F.normalize(q, dim=1)
         mean_p, var_p = p.mean(0), p.var(0, unbiased=False) + self.eps
         mean_q, var_q = q.mean(0), q.var(0, unbiased=False) + self.eps
         kl = torch.log(var_q / var_p) + (var_p + (mean_p - mean_q) ** 2) / var_q - 1.0
