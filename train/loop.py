@@ -268,8 +268,7 @@ class _Throughput:
         self.start_step, self.batch_size, self.device = start_step, batch_size, device
         self.warmup_steps = warmup_steps
         self.t_begin = time.perf_counter()
-        self.t_warm: float | None = None
-        self.warm_step = 0
+        self.t_warm: float | None = None  # clock when `warmup_steps` were done
         self.steps = 0
         self.t_end = self.t_begin
 
@@ -281,7 +280,7 @@ class _Throughput:
         self.steps = step - self.start_step
         if self.steps == self.warmup_steps:
             self._sync()
-            self.t_warm, self.warm_step = time.perf_counter(), self.steps
+            self.t_warm = time.perf_counter()
         self.t_end = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -290,8 +289,8 @@ class _Throughput:
         return self.t_end - self.t_begin
 
     def img_per_s(self) -> float:
-        if self.t_warm is not None and self.steps > self.warm_step:
-            return (self.steps - self.warm_step) * self.batch_size / (self.t_end - self.t_warm)
+        if self.t_warm is not None and self.steps > self.warmup_steps:
+            return (self.steps - self.warmup_steps) * self.batch_size / (self.t_end - self.t_warm)
         span = self.t_end - self.t_begin
         return self.steps * self.batch_size / span if span > 0 and self.steps else 0.0
 
