@@ -19,11 +19,18 @@ setup(
         "tensorboard>=2.12",
     ],
     extras_require={
-        "dev": ["pytest>=7"],
         "dali": ["nvidia-dali-cuda120>=1.30"],
+        # FFCV builds from source: first `apt-get install libturbojpeg0-dev libopencv-dev pkg-config`.
         "ffcv": ["ffcv>=1.0"],
+        "kernels": ["triton>=3.0"],
+        # The tests exercise every backend and the kernels (on the CPU), so they need all of them.
+        "dev": ["pytest>=7", "triton>=3.0", "nvidia-dali-cuda120>=1.30", "ffcv>=1.0"],
         # NVIDIA apex (optional fused optimizers) is built from NVIDIA's source,
         # never installed from the package index, whose "apex" is another project.
     },
-    entry_points={"console_scripts": ["iecl=train.cli:main"]},
+    entry_points={
+        "console_scripts": ["iecl=train.cli:main"],
+        # Subcommands that live outside train/ (profiling observes train, never the reverse).
+        "iecl.commands": ["bench=profiling.cli:register"],
+    },
 )

@@ -92,6 +92,46 @@ def sample_crop(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random choice of one view, drawn before any pixel is touched, so a
+    backend that cannot share the reference's code (DALI, FFCV + the device)
+    applies exactly the same crop, jitter, blur and flip to the same sample."""
+
+    box: tuple[int, int, int, int]  # crop (left, top, w, h) in source pixels
+    jitter: bool
+    brightness: float  # multiplicative factors, 1 = unchanged
+    contrast: float
+    saturation: float
+    hue: float  # shift in turns, in [-0.5, 0.5]
+    order: tuple[int, int, int, int]  # application order of (brightness, contrast, saturation, hue)
+    grayscale: bool
+    blur_sigma: float  # pixels of the output view; 0 = no blur
+    solarize: bool
+    flip: bool
+
+
+def sample_view_params(
+    rng: np.random.Generator, recipe: ViewRecipe, width: int, height: int, size: int
+) -> ViewParams:
+    """Draw one view's parameters for a `width` x `height` source and `size`^2 output."""
+    box = sample_crop(rng, width, height, recipe.crop_scale, recipe.crop_ratio)
+    jitter = bool(rng.uniform() < recipe.jitter_prob)
+    factors, hue, order = (1.0, 1.0, 1.0), 0.0, (0, 1, 2, 3)
+    if jitter:
+        strengths = (recipe.brightness, recipe.contrast, recipe.saturation)
+        factors = tuple(float(rng.uniform(max(0.0, 1 - s), 1 + s)) for s in strengths)
+        hue = float(rng.uniform(-recipe.hue, recipe.hue))
+        order = tuple(int(k) for k in rng.permutation(4))
+    grayscale = bool(rng.uniform() < recipe.grayscale_prob)
+    sigma = 0.0
+    if rng.uniform() < recipe.blur_prob:
+        sigma = float(rng.uniform(*recipe.blur_sigma)) * size / REFERENCE_CROP
+    solarize = bool(rng.uniform() < recipe.solarize_prob)
+    flip = bool(rng.uniform() < recipe.flip_prob)
+    return ViewParams(box, jitter, *factors, hue, order, grayscale, sigma, solarize, flip)
+
+
 def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
     """Rotate hue by `shift` turns (torchvision's PIL adjust_hue)."""
     h, s, v = img.convert("HSV").split()
@@ -99,56 +139,50 @@ def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
     return Image.merge("HSV", (Image.fromarray(h_shifted, "L"), s, v)).convert("RGB")
 
 
-def color_jitter(img: Image.Image, recipe: ViewRecipe, rng: np.random.Generator) -> Image.Image:
-    ops = [
-        (recipe.brightness, lambda im, f: ImageEnhance.Brightness(im).enhance(f)),
-        (recipe.contrast, lambda im, f: ImageEnhance.Contrast(im).enhance(f)),
-        (recipe.saturation, lambda im, f: ImageEnhance.Color(im).enhance(f)),
-    ]
-    factors = [rng.uniform(max(0.0, 1 - s), 1 + s) for s, _ in ops]
-    hue_shift = rng.uniform(-recipe.hue, recipe.hue)
-    for k in rng.permutation(4):
-        if k < 3:
-            img = ops[k][1](img, factors[k])
-        else:
-            img = _adjust_hue(img, hue_shift)
+def color_jitter(img: Image.Image, params: ViewParams) -> Image.Image:
+    """torchvision's ColorJitter on PIL images: the four adjustments in `params.order`."""
+    ops = (
+        lambda im: ImageEnhance.Brightness(im).enhance(params.brightness),
+        lambda im: ImageEnhance.Contrast(im).enhance(params.contrast),
+        lambda im: ImageEnhance.Color(im).enhance(params.saturation),
+        lambda im: _adjust_hue(im, params.hue),
+    )
+    for k in params.order:
+        img = ops[k](img)
     return img
 
 
-def augment_crop(
-    img: Image.Image, box: tuple[float, float, float, float], size: int, recipe: ViewRecipe, rng: np.random.Generator
-) -> np.ndarray:
-    """Resize the crop `box` (left, top, right, bottom) of `img` to `size`^2 and
-    apply the recipe's photometric steps; returns uint8 (size, size, 3)."""
-    view = img.resize((size, size), Image.BILINEAR, box=box)
-    if rng.uniform() < recipe.jitter_prob:
-        view = color_jitter(view, recipe, rng)
-    if rng.uniform() < recipe.grayscale_prob:
+def apply_view(img: Image.Image, params: ViewParams, size: int) -> np.ndarray:
+    """The reference implementation of a view: uint8 (size, size, 3)."""
+    left, top, w, h = params.box
+    view = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if params.jitter:
+        view = color_jitter(view, params)
+    if params.grayscale:
         view = view.convert("L").convert("RGB")
-    if rng.uniform() < recipe.blur_prob:
-        sigma = rng.uniform(*recipe.blur_sigma) * size / REFERENCE_CROP
-        view = view.filter(ImageFilter.GaussianBlur(radius=sigma))  # PIL's radius is the std dev
-    if rng.uniform() < recipe.solarize_prob:
+    if params.blur_sigma > 0:
+        view = view.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))  # PIL's radius is the std dev
+    if params.solarize:
         view = ImageOps.solarize(view, threshold=128)
-    if rng.uniform() < recipe.flip_prob:
+    if params.flip:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(view, dtype=np.uint8)
 
 
+def view_rngs(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The generators of sample `index`'s two views in `epoch`: every backend uses these."""
+    return tuple(np.random.default_rng([seed, epoch, index, view]) for view in range(2))
+
+
 def two_views(
-    path: str, recipes: tuple[ViewRecipe, ViewRecipe], size: int, rngs: tuple[np.random.Generator, np.random.Generator]
+    img: Image.Image, recipes: tuple[ViewRecipe, ViewRecipe], size: int, rngs: tuple[np.random.Generator, np.random.Generator]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode `path` once, fully, and cut two independently augmented views from it.
+    """Two independently augmented views of one decoded RGB image.
 
     (Decoding JPEGs at a reduced DCT scale via `Image.draft` was measured on the
     synthetic set: 25% faster per image at 96-pixel crops, no gain at 224, so the
     reference keeps the plain full decode.)
     """
-    with Image.open(path) as img:
-        img = img.convert("RGB")
     width, height = img.size
-    views = []
-    for recipe, rng in zip(recipes, rngs):
-        left, top, w, h = sample_crop(rng, width, height, recipe.crop_scale, recipe.crop_ratio)
-        views.append(augment_crop(img, (left, top, left + w, top + h), size, recipe, rng))
-    return views[0], views[1]
+    a, b = (apply_view(img, sample_view_params(rng, r, width, height, size), size) for r, rng in zip(recipes, rngs))
+    return a, b

@@ -20,12 +20,38 @@ UNLABELED = -1
 
 @dataclass
 class ImageList:
+    """The images of a dataset, in a fixed order: index i means the same image everywhere.
+
+    A sample is a whole file, or (for tar shards) `spans[i] = (offset, size)`
+    bytes inside the file `samples[i][0]`. Every backend reads through `read`.
+    """
+
     root: str
     samples: list[tuple[str, int]]  # (path, label)
-    classes: list[str] = field(default_factory=list)  # empty for a flat folder
+    classes: list[str] = field(default_factory=list)  # empty for unlabeled data
+    spans: list[tuple[int, int]] | None = None  # (offset, size) inside the path, for tar members
+    members: list[str] | None = None  # member names inside the tar, for messages
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of image `i` (an `OSError` if they cannot be read)."""
+        path = self.samples[i][0]
+        with open(path, "rb") as f:
+            if self.spans is None:
+                return f.read()
+            offset, size = self.spans[i]
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.name(i)}: tar shard ends {size - len(data)} bytes early")
+        return data
+
+    def name(self, i: int) -> str:
+        """How to name image `i` to a person: its path, or shard.tar:member."""
+        path = self.samples[i][0]
+        return path if self.members is None else f"{path}:{self.members[i]}"
 
 
 def _images_in(directory: str) -> list[str]:

@@ -8,63 +8,70 @@ copy); normalisation happens on the device.
 
 from __future__ import annotations
 
+import io
 import signal
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import ViewRecipe, two_views
+from pipeline.augment import ViewRecipe, two_views, view_rngs
 from pipeline.errors import DataError
 from pipeline.folder import ImageList
 from pipeline.sampler import EpochBatchSampler
+from pipeline.validate import DECODE_ERRORS, describe
 from pipeline.views import ViewBatch
 
-# What PIL raises for files it cannot decode: unknown format, truncated data,
-# decompression bombs, corrupt headers.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
-
-class Unreadable(NamedTuple):
-    path: str
-    reason: str
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode fully (so truncation is caught here, not later) and convert to RGB."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")
 
 
 class TwoViewDataset(Dataset):
-    """Item (epoch, index) -> (anchor uint8 HWC, query uint8 HWC, label), or `Unreadable`."""
+    """Item (epoch, index) -> (anchor uint8 HWC, query uint8 HWC, label, skipped).
+
+    An image that cannot be read or decoded is replaced by the next readable one
+    (index + 1, + 2, ... : deterministic, so resumes and reruns agree); `skipped`
+    names what was replaced, so that the loader can count it and the run report
+    it. Nothing is dropped silently and the batch stays full (SAIB needs that).
+    """
 
     def __init__(self, images: ImageList, recipes: tuple[ViewRecipe, ViewRecipe], image_size: int, seed: int) -> None:
-        self.samples, self.recipes = images.samples, recipes
+        self.images, self.recipes = images, recipes
         self.image_size, self.seed = image_size, seed
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        path, label = self.samples[index]
-        rngs = tuple(np.random.default_rng([self.seed, epoch, index, view]) for view in range(2))
-        try:
-            anchor, query = two_views(path, self.recipes, self.image_size, rngs)
-        except DECODE_ERRORS as err:
-            return Unreadable(path, f"{type(err).__name__}: {err}")
-        return anchor, query, label
+        skipped: list[str] = []
+        n = len(self.images)
+        for k in range(n):
+            i = (index + k) % n
+            try:
+                img = decode_rgb(self.images.read(i))
+            except DECODE_ERRORS as err:
+                skipped.append(f"{self.images.name(i)} ({describe(err)})")
+                continue
+            # The replacement keeps the requested sample's augmentation seed.
+            anchor, query = two_views(img, self.recipes, self.image_size, view_rngs(self.seed, epoch, index))
+            return anchor, query, self.images.samples[i][1], skipped
+        raise DataError(f"none of the {n} images of {self.images.root} can be read, e.g. {skipped[0]}")
 
 
 def collate_views(items: list):
-    """Stack a batch, or pass on the list of unreadable files if there are any
-    (the main process turns that into one clear error, not a worker traceback)."""
-    bad = [item for item in items if isinstance(item, Unreadable)]
-    if bad:
-        return bad
-    anchors, queries, labels = zip(*items)
+    anchors, queries, labels, skipped = zip(*items)
     return (
         torch.from_numpy(np.stack(anchors)),
         torch.from_numpy(np.stack(queries)),
         torch.tensor(labels, dtype=torch.int64),
+        [name for names in skipped for name in names],
     )
 
 
@@ -93,6 +100,7 @@ class ReferenceLoader:
     ) -> None:
         self.device = device
         self.batch_size = batch_size
+        self.bad_files: list[str] = []  # "name (reason)" of each unreadable image met and replaced
         self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
         self.loader = DataLoader(
             TwoViewDataset(images, recipes, image_size, seed),
@@ -108,13 +116,15 @@ class ReferenceLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def close(self) -> None:
+        """Stop the worker processes now rather than at garbage collection."""
+        self.loader = None
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[ViewBatch]:
-        for batch in self.loader:
-            if isinstance(batch, list):
-                files = "; ".join(f"{bad.path} ({bad.reason})" for bad in batch)
-                raise DataError(f"cannot read {len(batch)} image(s): {files}; remove or replace them")
-            anchor, query, label = (t.to(self.device, non_blocking=True) for t in batch)
+        for *tensors, skipped in self.loader:
+            self.bad_files.extend(skipped)
+            anchor, query, label = (t.to(self.device, non_blocking=True) for t in tensors)
             yield ViewBatch(anchor, query, label)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -96,7 +97,8 @@ def test_unwritable_run_directory(capsys, tmp_path, tiny_data):
 
 
 def test_unreadable_image_mid_run_keeps_progress(capsys, tmp_path, tiny_data):
-    """The run stops with the file's name; the steps already done are in last.pt."""
+    """With no unreadable images allowed, the run stops with the file's name
+    before training on its batch; the steps already done are in last.pt."""
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
     (root / "class_0002" / "zz_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -110,13 +112,32 @@ def test_unreadable_image_mid_run_keeps_progress(capsys, tmp_path, tiny_data):
             break
     steps_before = order.index(bad) // 8
     out_dir = tmp_path / "runs"
-    code, _, err = _pretrain(capsys, f"data.root={root}", f"run.out_dir={out_dir}", f"run.seed={seed}")
+    code, _, err = _pretrain(
+        capsys, f"data.root={root}", f"run.out_dir={out_dir}", f"run.seed={seed}", "data.max_bad_images=0"
+    )
     assert code == 2
     line = _one_line_error(err)
-    assert "zz_broken.JPEG" in line and "--resume" in line
+    assert "zz_broken.JPEG" in line and "--resume" in line and "iecl validate" in line
     (run_dir,) = _run_dirs(out_dir)
     assert ckpt.load(run_dir / "last.pt")["step"] == steps_before
     assert (run_dir / "config.yaml").exists()
+
+
+def test_unreadable_images_are_replaced_counted_and_reported(capsys, tmp_path, tiny_data):
+    """By default a run survives a few bad files: each is named once on stderr,
+    counted in metrics.jsonl and in the summary, and no batch is lost."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "class_0002" / "zz_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "class_0003" / "zz_text.JPEG").write_text("not an image")
+    out_dir = tmp_path / "runs"
+    code, out, err = _pretrain(capsys, f"data.root={root}", f"run.out_dir={out_dir}", "train.epochs=1")
+    assert code == 0
+    assert err.count("zz_broken.JPEG") == 1 and err.count("zz_text.JPEG") == 1
+    assert "2 unreadable image(s) replaced" in out and "done: 6 steps" in out  # 50 images, batch 8
+    (run_dir,) = _run_dirs(out_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_images"] == 2 and rows[0]["bad_images"] <= 2
 
 
 def test_resume_errors(capsys, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from train.checkpoint import CheckpointError
+from train.cli_data import add_commands as add_data_commands
 from train.config import ConfigError
 from train.run_dir import RunDirError
 
@@ -57,12 +58,25 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(commands)
     _add_make_synthetic(commands)
+    add_data_commands(commands)
+    for register in _plugin_commands():
+        register(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except USER_ERRORS as err:
         print(f"iecl {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _plugin_commands():
+    """Commands other packages register under the `iecl.commands` entry point
+    group (setup.py): profiling's `bench`, `profile` and `compare` live there,
+    because train/ must never import profiling/ (profiling observes train)."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group="iecl.commands"), key=lambda e: e.name):
+        yield entry.load()
 
 
 def _add_pretrain(commands) -> None:
@@ -150,6 +164,8 @@ def _print_summary(s) -> None:
     state = "done" if s.stopped_by == "done" else f"stopped by {s.stopped_by} (resume with --resume {s.run_dir})"
     print(f"iecl pretrain: {state}: {s.steps} steps ({s.epochs:.2f} epochs), {s.steps_this_session} this session in {s.seconds:.1f} s")
     print(f"  throughput  {s.img_per_s:.1f} images/s (each image gives two views; first steps excluded)")
+    if s.bad_images:
+        print(f"  bad images  {s.bad_images} unreadable image(s) replaced (named above); list them: iecl validate DATA")
     if f:
         print(f"  final loss  {f['loss']:.4f} (nce {f['loss_nce']:.4f}, kl {f['loss_kl']:.4f}, entropy {f['entropy']:.3f})")
     print(f"  run dir     {s.run_dir}: config.yaml run.json metrics.jsonl tb/ last.pt")

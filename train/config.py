@@ -38,8 +38,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    backend: Literal["pil"] = "pil"
-    root: str = ""  # "" -> a synthetic ImageNet-style folder, made once and reused
+    backend: Literal["pil", "dali", "ffcv"] = "pil"
+    root: str = ""  # folder, file list, tar shard(s), or .beton (ffcv); "" -> synthetic, made once and reused
     synthetic_images: int = 512
     synthetic_classes: int = 8
     synthetic_cache: str = "~/.cache/iecl"
@@ -47,6 +47,8 @@ class DataConfig:
     recipe: Literal["mocov2", "simclr", "byol"] = "mocov2"
     crop_scale: tuple[float, float] | None = None  # None -> the recipe's own
     workers: int = 2
+    decode: Literal["shared", "window"] = "shared"  # dali: one full decode per image, or a windowed decode per view
+    max_bad_images: int = 100  # unreadable images replaced (and reported) before a run gives up
 
 
 @dataclass
@@ -258,6 +260,15 @@ def validate(cfg: Config) -> Config:
     _require(t.checkpoint_every >= 0, f"train.checkpoint_every must be 0 (only at the end) or positive, got {t.checkpoint_every}")
     _require(d.image_size >= 32, f"data.image_size must be at least 32, got {d.image_size}")
     _require(d.workers >= 0, f"data.workers must be 0 or more, got {d.workers}")
+    _require(d.max_bad_images >= 0, f"data.max_bad_images must be 0 or more, got {d.max_bad_images}")
+    if d.root.endswith(".beton"):
+        _require(d.backend == "ffcv", f"data.root {d.root} is an FFCV file: set data.backend=ffcv")
+    elif d.root and d.backend == "ffcv":
+        _require(
+            False,
+            f"data.backend=ffcv reads .beton files; convert {d.root} first (iecl convert {d.root} OUT.beton) "
+            "and set data.root=OUT.beton",
+        )
     if d.crop_scale is not None:
         lo, hi = d.crop_scale
         _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(d.crop_scale)}")

@@ -1,10 +1,11 @@
-"""From `data.*` settings to the list of images to train on."""
+"""From `data.*` settings to the images to train on."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import ImageList, scan_image_folder
+from pipeline import BetonFile, ImageList, open_images
+from pipeline.sources import open_beton
 from pipeline.synthetic import GENERATOR_VERSION, SyntheticSpec, make_synthetic
 from train.config import DataConfig
 
@@ -14,10 +15,18 @@ def synthetic_root(cfg: DataConfig) -> Path:
     return Path(cfg.synthetic_cache).expanduser() / name
 
 
-def resolve_images(cfg: DataConfig, progress: bool = True) -> ImageList:
-    """The configured folder, or the synthetic one (made on first use, then reused)."""
+def resolve_images(cfg: DataConfig, progress: bool = True) -> ImageList | BetonFile:
+    """The configured data, or the synthetic folder (made on first use, then
+    reused; for the ffcv backend also converted once to a .beton beside it)."""
     if cfg.root:
-        return scan_image_folder(cfg.root)
+        return open_beton(cfg.root) if cfg.backend == "ffcv" else open_images(cfg.root)
     root = synthetic_root(cfg)
     make_synthetic(root, SyntheticSpec(cfg.synthetic_images, cfg.synthetic_classes), progress=progress)
-    return scan_image_folder(root)
+    if cfg.backend != "ffcv":
+        return open_images(root)
+    beton = root.with_suffix(".beton")
+    if not beton.exists():
+        from pipeline.ffcv import convert
+
+        convert(open_images(root), beton, progress=progress)
+    return open_beton(beton)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from kernels.view_prep import prepare_view_reference
 from model.methods import Method, build_method
-from pipeline import MEAN_255, STD_255, DataError, ImageList, build_loader
+from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, build_loader
 from pipeline.sampler import EpochBatchSampler
 from train import checkpoint as ckpt
 from train.config import Config
@@ -54,9 +55,10 @@ class Summary:
     img_per_s: float  # steady state: after the first `warmup_steps` of this session
     final: dict  # last logged row
     stopped_by: str  # "done", "SIGINT" or "SIGTERM"
+    bad_images: int = 0  # unreadable images met and replaced this session
 
 
-def build(cfg: Config, images: ImageList, device: torch.device):
+def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
     """The method, loader, optimizer and scaler for `cfg` (before any resume)."""
     torch.manual_seed(cfg.run.seed)
     d, m = cfg.data, cfg.model
@@ -70,6 +72,7 @@ def build(cfg: Config, images: ImageList, device: torch.device):
         seed=cfg.run.seed,
         workers=d.workers,
         device=device,
+        decode=d.decode,
     )
     method = build_method(
         cfg.method.name,
@@ -137,7 +140,7 @@ class StopRequest:
 def pretrain(
     cfg: Config,
     run_dir: Path,
-    images: ImageList,
+    images: ImageList | BetonFile,
     state: dict | None = None,
     progress: bool = True,
 ) -> Summary:
@@ -163,6 +166,7 @@ def pretrain(
     window = _Window(cfg.train.batch_size, device)
     throughput = _Throughput(pos.step, cfg.train.batch_size, device)
     stop = StopRequest()
+    bad = _BadImages(loader, cfg.data.max_bad_images)
     last_saved = pos.step if state is not None else -1
     row: dict = {}
 
@@ -177,6 +181,7 @@ def pretrain(
             while pos.step < total and stop.signal is None:
                 loader.set_epoch(pos.epoch, pos.batch_in_epoch)
                 for batch in loader:
+                    bad.check()  # before training on a batch with replaced images
                     lr = base_lr * warmup_cosine(pos.step, total, warmup, cfg.optim.min_lr_ratio)
                     set_lr(optimizer, lr)
                     anchor = prepare_view_reference(batch.anchor, mean, std, dtype)
@@ -197,6 +202,7 @@ def pretrain(
                     throughput.step_done(pos.step)
                     if pos.step % cfg.train.log_every == 0 or pos.step == total:
                         row = window.flush(pos, steps_per_epoch, lr)
+                        row["bad_images"] = bad.seen
                         metrics.log(row)
                         bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", lr=f"{lr:.2e}")
                     if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
@@ -215,6 +221,7 @@ def pretrain(
     finally:
         bar.close()
         metrics.close()
+        loader.close()
     return Summary(
         run_dir=str(run_dir),
         steps=pos.step,
@@ -224,7 +231,31 @@ def pretrain(
         img_per_s=throughput.img_per_s(),
         final=row,
         stopped_by=stop.signal or "done",
+        bad_images=bad.seen,
     )
+
+
+class _BadImages:
+    """Reports each unreadable image the loader replaced, once, and stops the
+    run (as a `DataError`, so progress is saved) past `limit` of them."""
+
+    def __init__(self, loader, limit: int) -> None:
+        self.loader, self.limit = loader, limit
+        self.seen = 0
+
+    def check(self) -> None:
+        found = self.loader.bad_files
+        if len(found) == self.seen:
+            return
+        if len(found) > self.limit:
+            raise DataError(
+                f"{len(found)} unreadable image(s) so far, more than data.max_bad_images={self.limit}; "
+                f"the latest: {found[-1]}; "
+                "list them all with: iecl validate DATA_DIR"
+            )
+        for name in found[self.seen :]:
+            tqdm.write(f"iecl pretrain: warning: unreadable image {name} replaced by the next readable one", sys.stderr)
+        self.seen = len(found)
 
 
 class _Window:
@@ -295,7 +326,7 @@ class _Throughput:
         return self.steps * self.batch_size / span if span > 0 and self.steps else 0.0
 
 
-def _state(cfg: Config, images: ImageList, pos: Position, method: Method, optimizer, scaler) -> dict:
+def _state(cfg: Config, images: ImageList | BetonFile, pos: Position, method: Method, optimizer, scaler) -> dict:
     return {
         "format": ckpt.FORMAT,
         "step": pos.step,

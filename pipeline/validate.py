@@ -1,0 +1,127 @@
+"""`iecl validate`: find the images a run would trip over, before the run.
+
+Every image is decoded in full (a header check misses truncated JPEGs, the
+commonest fault of interrupted copies), in a pool of processes, with a
+progress bar. For folders, files that are not images at all are listed too:
+training ignores them, but a user who expected them to be used wants to know.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.folder import IMAGE_EXTENSIONS, ImageList
+from pipeline.sources import open_images
+from pipeline.synthetic import MANIFEST
+
+# What PIL raises for files it cannot decode: unknown format, truncated data,
+# decompression bombs, corrupt headers.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def describe(err: Exception) -> str:
+    """One line on why an image failed (PIL's own message names a BytesIO object)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image in a format PIL knows"
+    return f"{type(err).__name__}: {err}"
+
+
+def decode_error(data: bytes) -> str | None:
+    """None if `data` decodes fully as an image, else why not (one line)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except DECODE_ERRORS as err:
+        return describe(err)
+    return None
+
+
+@dataclass
+class ValidationReport:
+    source: str
+    checked: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    non_images: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unreadable
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "checked": self.checked,
+            "readable": self.checked - len(self.unreadable),
+            "unreadable": [{"file": name, "reason": reason} for name, reason in self.unreadable],
+            "non_image_files": self.non_images,
+        }
+
+
+_IMAGES: ImageList | None = None  # the pool workers' copy, set once by the initializer
+
+
+def _init_worker(images: ImageList) -> None:
+    global _IMAGES
+    _IMAGES = images
+
+
+def _check_chunk(bounds: tuple[int, int]) -> list[tuple[int, str]]:
+    bad = []
+    for i in range(*bounds):
+        try:
+            reason = decode_error(_IMAGES.read(i))
+        except OSError as err:
+            reason = f"cannot read: {err}"
+        if reason is not None:
+            bad.append((i, reason))
+    return bad
+
+
+def validate_images(
+    source: str | os.PathLike | ImageList, workers: int | None = None, progress: bool = True, chunk: int = 64
+) -> ValidationReport:
+    """Decode every image of `source` (a data.root spec or an `ImageList`)."""
+    from tqdm import tqdm
+
+    images = source if isinstance(source, ImageList) else open_images(source)
+    report = ValidationReport(images.root, checked=len(images))
+    if os.path.isdir(images.root) and images.spans is None:
+        report.non_images = non_image_files(images.root)
+    workers = max(1, workers or os.cpu_count() or 1)
+    chunks = [(lo, min(lo + chunk, len(images))) for lo in range(0, len(images), chunk)]
+    bad: list[tuple[int, str]] = []
+    with tqdm(total=len(images), desc="validating", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            _init_worker(images)
+            results = map(_check_chunk, chunks)
+            for (lo, hi), found in zip(chunks, results):
+                bad.extend(found)
+                bar.update(hi - lo)
+        else:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(images,)) as pool:
+                for (lo, hi), found in zip(chunks, pool.map(_check_chunk, chunks)):
+                    bad.extend(found)
+                    bar.update(hi - lo)
+                    bar.set_postfix(bad=len(bad), refresh=False)
+    report.unreadable = [(images.name(i), reason) for i, reason in sorted(bad)]
+    return report
+
+
+def non_image_files(root: str) -> list[str]:
+    """Files under `root` (two levels: the ImageNet layout) without an image extension."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if os.path.relpath(dirpath, root).count(os.sep) >= 1:
+            dirnames[:] = []
+        for name in sorted(filenames):
+            if name.startswith(".") or name == MANIFEST:
+                continue
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                out.append(os.path.join(dirpath, name))
+    return out
