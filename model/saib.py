@@ -31,6 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels._triton import triton_available, warn_fallback
+from kernels.saib_reference import SAIBParams, compiled_saib_reference, saib_reference
+from kernels.view_prep import prepare_view_reference
+
+#: "reference": this module's code; "triton": the fused kernels (kernels/saib_function.py),
+#: falling back to the reference with one warning where Triton cannot run;
+#: "compile": torch.compile of the functional reference (kernels/saib_reference.py).
+IMPLS = ("reference", "triton", "compile")
+
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, C, H, W) -> patch-images (C*H/p*W/p, B, p, p); batch becomes channels."""
@@ -63,8 +72,12 @@ class SAIB(nn.Module):
         image_size: tuple[int, int],
         patch_size: int = 16,
         channels: int = 3,
+        impl: str = "reference",
     ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"SAIB impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         height, width = image_size
         if height % patch_size or width % patch_size:
             raise ValueError(
@@ -90,6 +103,8 @@ class SAIB(nn.Module):
                 f"SAIB was built for batches of shape {(self.batch_size, self.channels, self.height, self.width)}, "
                 f"got {tuple(x.shape)}; its weights depend on the per-device batch size"
             )
+        if self.impl != "reference":
+            return self._forward_impl(x)
         patches = patchify(x, self.patch_size) + self.pos_embed  # (N, B, p, p)
         h1 = F.silu(self.conv1(patches))
         h2 = F.silu(self.conv2(h1))  # zero padding 1 at each patch's border
@@ -98,8 +113,56 @@ class SAIB(nn.Module):
         out = x + unpatchify(patches, c, h, w)
         return out.contiguous(memory_format=torch.channels_last)
 
+    def forward_uint8(
+        self, query: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """uint8 (B, H, W, 3) query view -> SAIB((query - mean) / std as `dtype`).
+        With impl="triton" the normalisation is fused into SAIB's first kernel."""
+        if query.dtype != torch.uint8 or tuple(query.shape) != (self.batch_size, self.height, self.width, self.channels):
+            raise ValueError(
+                f"SAIB.forward_uint8 expects uint8 {(self.batch_size, self.height, self.width, self.channels)}, "
+                f"got {query.dtype} {tuple(query.shape)}"
+            )
+        if self.impl == "triton" and self._triton_runs(query.device):
+            from kernels.saib_function import saib_triton_uint8  # imports triton
+
+            return saib_triton_uint8(query, mean, std, dtype, self.functional_params(), self.patch_size,
+                                     *self._bn_config())
+        return self(prepare_view_reference(query, mean, std, dtype))
+
+    def functional_params(self) -> SAIBParams:
+        """Parameters and BatchNorm buffers for the functional implementations."""
+        convs = (self.conv1, self.conv2, self.conv3, self.conv4)
+        return SAIBParams(
+            self.pos_embed,
+            tuple(conv[0].weight for conv in convs),
+            tuple(conv[1].weight for conv in convs),
+            tuple(conv[1].bias for conv in convs),
+            tuple(conv[1].running_mean for conv in convs),
+            tuple(conv[1].running_var for conv in convs),
+            tuple(conv[1].num_batches_tracked for conv in convs),
+        )
+
+    def _bn_config(self) -> tuple[bool, float, float]:
+        bn = self.conv1[1]
+        return self.training, bn.momentum, bn.eps
+
+    def _triton_runs(self, device: torch.device) -> bool:
+        ok, reason = triton_available(device)
+        if not ok:
+            warn_fallback("SAIB impl='triton'", reason)
+        return ok
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "triton" and self._triton_runs(x.device):
+            from kernels.saib_function import saib_triton  # imports triton
+
+            return saib_triton(x, self.functional_params(), self.patch_size, *self._bn_config())
+        fn = compiled_saib_reference() if self.impl == "compile" else saib_reference
+        return fn(x, self.functional_params(), self.patch_size, *self._bn_config())
+
     def extra_repr(self) -> str:
         return (
             f"batch_size={self.batch_size}, image={self.height}x{self.width}, "
-            f"patch={self.patch_size}, patch_images={self.num_patches}"
+            f"patch={self.patch_size}, patch_images={self.num_patches}, impl={self.impl}"
         )

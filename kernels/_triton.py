@@ -1,0 +1,61 @@
+"""Whether the Triton kernels can run on a device, and the one-time fallback warning.
+
+Triton runs on CUDA tensors, and on CPU tensors only through its interpreter,
+which is chosen when a kernel is *decorated*: `TRITON_INTERPRET=1` must be in
+the environment before the kernel modules are imported. Nothing here imports
+triton at module import time, so `model/` can import this file on any machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+_warned: set[str] = set()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available(device: torch.device | str) -> tuple[bool, str]:
+    """(True, "") when the Triton kernels can run on `device`, else (False, why)."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, ""
+    if device.type != "cpu":
+        return False, f"Triton kernels do not run on {device.type} tensors"
+    if not interpreting():
+        return False, "on CPU the Triton kernels need TRITON_INTERPRET=1 (set before triton is imported)"
+    from kernels import saib_fwd  # decorated now if not before
+
+    if type(saib_fwd.saib_gemm_fwd_kernel).__name__ != "InterpretedFunction":
+        return False, "TRITON_INTERPRET=1 was set after the kernels were imported; set it before starting Python"
+    return True, ""
+
+
+def warn_fallback(what: str, reason: str) -> None:
+    """One warning per (what, reason) per process: a fallback is a fact about the
+    machine, not about the step, so repeating it every step would only be noise."""
+    key = f"{what}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{what}: Triton cannot run ({reason}); using the PyTorch reference", stacklevel=3)
+
+
+#: Tests set this to fill every floating-point buffer the kernels' launchers
+#: allocate with NaN, so that an element no kernel writes cannot pass unseen.
+POISON_OUTPUTS = False
+
+
+def empty(shape, *, device, dtype, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled under POISON_OUTPUTS)."""
+    out = torch.empty(shape, device=device, dtype=dtype, memory_format=memory_format)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

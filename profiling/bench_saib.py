@@ -1,0 +1,215 @@
+"""Benchmark SAIB's implementations: eager reference, torch.compile of the
+functional reference, and the Triton kernels; forward, backward and both.
+
+    python -m profiling.bench_saib --batch-size 256 --image-size 224 --patch 16 --dtype bf16
+    python -m profiling.bench_saib --batch-size 8 --image-size 32 --patch 8 --dtype fp32 --iters 3   # CPU toy
+
+FLOP count (GEMMs only; BatchNorm, Swish and the skips are memory-bound and
+not counted). With R = 3*H*W rows (pixels of all patch-images) and D = B
+channels, a GEMM (M x K) @ (K x N) costs 2*M*K*N:
+
+    conv1 1x1 D->D    2 * R * D  * D   =  2 R D^2
+    conv2 3x3 D->2D   2 * R * 9D * 2D  = 36 R D^2
+    conv3 1x1 2D->2D  2 * R * 2D * 2D  =  8 R D^2
+    conv4 1x1 2D->D   2 * R * 2D * D   =  4 R D^2
+    forward = 50 R D^2;  backward = 2 x forward (input and weight gradients)
+
+Times are medians over `iters` after `warmup` untimed iterations, with CUDA
+events on a GPU and time.perf_counter on a CPU. Each implementation's TFLOP/s
+is also given as a share of a bf16 torch.matmul of large square matrices
+measured in the same run. On a CPU the Triton kernels run in the interpreter
+(TRITON_INTERPRET=1, set here before they are imported): those numbers show
+that the path runs, not how fast it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMPLS = ("reference", "compile", "triton")
+
+
+def saib_flop(batch_size: int, image_size: int) -> dict[str, float]:
+    rows, d = 3 * image_size * image_size, batch_size
+    forward = 50 * rows * d * d
+    return {"forward": forward, "backward": 2 * forward, "forward_backward": 3 * forward}
+
+
+def _timer(device: torch.device):
+    """fn -> seconds, synchronised (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        def measure(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def measure(fn) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    return measure
+
+
+def _median_seconds(fn, setup, iters: int, warmup: int, device: torch.device) -> float:
+    measure = _timer(device)
+    times = []
+    for i in range(warmup + iters):
+        state = setup()
+        seconds = measure(functools.partial(fn, state))
+        if i >= warmup:
+            times.append(seconds)
+    return statistics.median(times)
+
+
+def _time_phases(saib, x, autocast, iters: int, warmup: int, device: torch.device) -> dict[str, float]:
+    grad_out = torch.randn_like(x)
+
+    def forward(_=None):
+        with autocast:
+            return saib(x)
+
+    def fresh_forward():
+        saib.zero_grad(set_to_none=True)
+        return forward()
+
+    def forward_backward(_):
+        fresh_forward().backward(grad_out)
+
+    return {
+        "forward_ms": _median_seconds(forward, lambda: None, iters, warmup, device) * 1e3,
+        "backward_ms": _median_seconds(lambda out: out.backward(grad_out), fresh_forward, iters, warmup, device) * 1e3,
+        "forward_backward_ms": _median_seconds(forward_backward, lambda: None, iters, warmup, device) * 1e3,
+    }
+
+
+def matmul_tflops(device: torch.device, iters: int, warmup: int) -> float:
+    """bf16 torch.matmul of large square matrices: the device's practical GEMM rate."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = _median_seconds(lambda _: torch.matmul(a, b), lambda: None, iters, warmup, device)
+    return 2 * n**3 / seconds / 1e12
+
+
+def _prepare_triton(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    from kernels._triton import triton_available
+
+    return triton_available(device)
+
+
+def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: str = "bf16",
+        device: str | None = None, iters: int = 50, warmup: int = 10, impls=IMPLS,
+        compile_on_cpu: bool = False) -> dict:
+    """Time every implementation; returns one JSON-serialisable dict."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = DTYPES[dtype]
+    notes = []
+    triton_ok, why = _prepare_triton(device) if "triton" in impls else (False, "not requested")
+    # After _prepare_triton, so that on a CPU the kernels see TRITON_INTERPRET=1.
+    from model.saib import SAIB
+
+    torch.manual_seed(0)
+    base = SAIB(batch_size, (image_size, image_size), patch).to(device)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(torch_dtype)
+    x = x.contiguous(memory_format=torch.channels_last)  # what the view preparation hands over
+    autocast = torch.autocast(device.type, dtype=torch_dtype) if torch_dtype != torch.float32 else nullcontext()
+    flop = saib_flop(batch_size, image_size)
+    peak = matmul_tflops(device, iters, warmup)
+    results = {}
+    for impl in impls:
+        if impl == "triton" and not triton_ok:
+            notes.append(f"triton skipped: {why}")
+            continue
+        if impl == "compile" and device.type == "cpu" and not compile_on_cpu:
+            notes.append("compile skipped on CPU (minutes to compile; --compile-on-cpu to include)")
+            continue
+        saib = SAIB(batch_size, (image_size, image_size), patch, impl=impl).to(device)
+        saib.load_state_dict(base.state_dict())
+        row = _time_phases(saib, x, autocast, iters, warmup, device)
+        for phase in ("forward", "backward", "forward_backward"):
+            tflops = flop[phase] / (row[f"{phase}_ms"] / 1e3) / 1e12
+            row[f"{phase}_tflops"] = tflops
+            row[f"{phase}_share_of_matmul"] = tflops / peak
+        results[impl] = row
+    if device.type == "cpu":
+        notes.append("CPU: the bf16 matmul reference rate is slow on CPUs (shares can exceed 100%)")
+        if "triton" in results:
+            notes.append("CPU: Triton ran in its interpreter; its times measure the interpreter, not the kernels")
+    return {
+        "config": {"batch_size": batch_size, "image_size": image_size, "patch": patch, "dtype": dtype,
+                   "device": str(device), "device_name": _device_name(device), "iters": iters, "warmup": warmup,
+                   "torch": torch.__version__},
+        "flop": {**flop, "formula": "forward = 50 * (3*H*W) * B^2 (GEMMs, 2*M*K*N each); backward = 2 x forward"},
+        "matmul_bf16_tflops": peak,
+        "results": results,
+        "notes": notes,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_table(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        (f"SAIB B={cfg['batch_size']} {cfg['image_size']}px p={cfg['patch']} {cfg['dtype']} on {cfg['device_name']}; "
+         f"bf16 matmul {report['matmul_bf16_tflops']:.4g} TFLOP/s; forward {report['flop']['forward'] / 1e9:.4g} GFLOP"),
+        f"{'impl':<10} {'phase':<17} {'ms':>10} {'TFLOP/s':>9} {'of matmul':>10}",
+    ]
+    for impl, row in report["results"].items():
+        for phase in ("forward", "backward", "forward_backward"):
+            lines.append(f"{impl:<10} {phase:<17} {row[f'{phase}_ms']:>10.3f} {row[f'{phase}_tflops']:>9.3g} "
+                         f"{row[f'{phase}_share_of_matmul']:>9.1%}")
+    lines += [f"note: {note}" for note in report["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=None, help="default: 10 on a GPU, 1 on a CPU")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU")
+    parser.add_argument("--json", type=str, default=None, help="write the report to this path")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    warmup = args.warmup if args.warmup is not None else (10 if device.startswith("cuda") else 1)
+    impls = tuple(impl for impl in args.impls.split(",") if impl)
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        parser.error(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
+    report = run(args.batch_size, args.image_size, args.patch, args.dtype, device, args.iters, warmup, impls,
+                 args.compile_on_cpu)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

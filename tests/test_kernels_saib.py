@@ -1,0 +1,261 @@
+"""SAIB's Triton kernels (kernels/saib_*.py) against the functional reference,
+and the reference against model/saib.py's module.
+
+On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
+before the kernel modules are imported), which is slow: shapes are tiny. Every
+buffer the kernels' launchers allocate is filled with NaN first, so an element
+no kernel writes fails the comparison. Errors are max-norm relative:
+max|actual - expected| / max|expected|.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernels import _triton
+from kernels.saib_function import saib_triton, saib_triton_uint8
+from kernels.saib_reference import SAIBParams, saib_reference, saib_reference_uint8
+from model.saib import SAIB
+from pipeline import MEAN_255, STD_255
+
+if not _triton.triton_available(DEVICE)[0]:
+    pytest.skip(f"Triton cannot run here: {_triton.triton_available(DEVICE)[1]}", allow_module_level=True)
+
+FP32_TOL = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
+    if DEVICE == "cuda":  # compare against full-precision cuDNN, not TF32
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def random_params(batch: int, height: int, width: int, patch: int, seed: int) -> SAIBParams:
+    """Parameters away from their initial values (BN affine included, so every
+    term of the backward is exercised) and running buffers."""
+    gen = torch.Generator().manual_seed(seed)
+    d, n = batch, 3 * (height // patch) * (width // patch)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
+
+    channels = (d, 2 * d, 2 * d, d)
+    return SAIBParams(
+        pos_embed=randn(n, 1, patch, patch, scale=0.1),
+        conv_weights=(randn(d, d, 1, 1, scale=d**-0.5), randn(2 * d, d, 3, 3, scale=(9 * d) ** -0.5),
+                      randn(2 * d, 2 * d, 1, 1, scale=(2 * d) ** -0.5), randn(d, 2 * d, 1, 1, scale=(2 * d) ** -0.5)),
+        bn_weights=tuple(1.0 + randn(c, scale=0.3) for c in channels),
+        bn_biases=tuple(randn(c, scale=0.3) for c in channels),
+        running_means=tuple(randn(c, scale=0.1) for c in channels),
+        running_vars=tuple(1.0 + randn(c, scale=0.1).abs() for c in channels),
+        num_batches_tracked=tuple(torch.zeros((), dtype=torch.long, device=DEVICE) for _ in channels),
+    )
+
+
+LEAVES = ("pos_embed", "conv_weights", "bn_weights", "bn_biases")
+
+
+def forward_backward(fn, x, base: SAIBParams, grad_out, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """Run `fn(x, *args, params, ...)` on fresh copies of `base`; return the
+    output, every gradient and the updated buffers by name."""
+    leaves = {name: [t.detach().clone().requires_grad_() for t in
+                     ((getattr(base, name),) if name == "pos_embed" else getattr(base, name))] for name in LEAVES}
+    buffers = {name: tuple(t.clone() for t in getattr(base, name))
+               for name in ("running_means", "running_vars", "num_batches_tracked")}
+    params = SAIBParams(leaves["pos_embed"][0], *(tuple(leaves[name]) for name in LEAVES[1:]), **buffers)
+    if x.is_floating_point():
+        x = x.detach().clone().requires_grad_()
+    out = fn(x, *args, params, **kwargs)
+    out.backward(grad_out)
+    result = {"out": out}
+    if x.is_floating_point():
+        result["x.grad"] = x.grad
+    for name, tensors in leaves.items():
+        result.update({f"{name}[{i}].grad": t.grad for i, t in enumerate(tensors)})
+    for name, tensors in buffers.items():
+        result.update({f"{name}[{i}]": t for i, t in enumerate(tensors)})
+    return result
+
+
+def assert_all_close(actual: dict, expected: dict, tol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name, exp in expected.items():
+        act = actual[name]
+        assert act.shape == exp.shape and act.dtype == exp.dtype or name == "out", name
+        if not exp.is_floating_point():
+            assert torch.equal(act, exp), name
+            continue
+        act, exp = act.double(), exp.double()
+        assert torch.isfinite(act).all(), f"{name}: not finite (an unwritten element?)"
+        err = ((act - exp).abs().max() / exp.abs().max().clamp_min(1e-30)).item()
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def inputs(batch, height, width, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, height, width, generator=gen).to(DEVICE)
+    grad_out = torch.randn(batch, 3, height, width, generator=gen).to(DEVICE)
+    return x, grad_out
+
+
+# ---------------------------------------------------------------- reference vs module
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_equals_module(training):
+    torch.manual_seed(0)
+    module = SAIB(6, (16, 24), 8).to(DEVICE)
+    for bn in (module.conv1[1], module.conv2[1], module.conv3[1], module.conv4[1]):
+        torch.nn.init.normal_(bn.weight, 1.0, 0.3)
+        torch.nn.init.normal_(bn.bias, 0.0, 0.3)
+    x, grad_out = inputs(6, 16, 24, seed=1)
+    module(x)  # non-trivial running buffers
+    module.train(training)
+    twin = copy.deepcopy(module)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = module(x1)
+    out.backward(grad_out)
+    expected = saib_reference(x2, twin.functional_params(), 8, training)
+    expected.backward(grad_out)
+    assert torch.equal(out, expected) and out.stride() == expected.stride()
+    assert torch.equal(x1.grad, x2.grad)
+    for (name, p1), p2 in zip(module.named_parameters(), twin.parameters()):
+        assert torch.equal(p1.grad, p2.grad), name
+    for (name, b1), b2 in zip(module.named_buffers(), twin.buffers()):
+        assert torch.equal(b1, b2), name
+
+
+# ---------------------------------------------------------------- kernels vs reference
+
+
+@pytest.mark.parametrize("batch,height,width,patch", [(6, 16, 24, 8), (4, 16, 16, 4), (3, 8, 12, 4)])
+def test_fp32_forward_and_gradients(batch, height, width, patch):
+    params = random_params(batch, height, width, patch, seed=batch)
+    x, grad_out = inputs(batch, height, width, seed=batch + 1)
+    expected = forward_backward(saib_reference, x, params, grad_out, patch=patch)
+    actual = forward_backward(saib_triton, x, params, grad_out, patch=patch)
+    assert actual["out"].is_contiguous(memory_format=torch.channels_last)
+    assert_all_close(actual, expected, FP32_TOL)
+
+
+def test_fp32_eval_mode_uses_running_statistics():
+    params = random_params(2, 8, 8, 4, seed=7)
+    x, grad_out = inputs(2, 8, 8, seed=8)
+    expected = forward_backward(saib_reference, x, params, grad_out, patch=4, training=False)
+    actual = forward_backward(saib_triton, x, params, grad_out, patch=4, training=False)
+    assert_all_close(actual, expected, FP32_TOL)
+
+
+def test_channels_last_input():
+    params = random_params(4, 8, 16, 8, seed=9)
+    x, grad_out = inputs(4, 8, 16, seed=10)
+    x = x.contiguous(memory_format=torch.channels_last)
+    expected = forward_backward(saib_reference, x, params, grad_out, patch=8)
+    actual = forward_backward(saib_triton, x, params, grad_out, patch=8)
+    assert_all_close(actual, expected, FP32_TOL)
+
+
+def test_uint8_query_with_fused_normalisation():
+    params = random_params(4, 16, 16, 8, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    images = torch.randint(0, 256, (4, 16, 16, 3), generator=gen, dtype=torch.uint8).to(DEVICE)
+    grad_out = torch.randn(4, 3, 16, 16, generator=gen).to(DEVICE)
+    mean, std = torch.tensor(MEAN_255, device=DEVICE), torch.tensor(STD_255, device=DEVICE)
+    expected = forward_backward(saib_reference_uint8, images, params, grad_out, mean, std, torch.float32, patch=8)
+    actual = forward_backward(saib_triton_uint8, images, params, grad_out, mean, std, torch.float32, patch=8)
+    assert_all_close(actual, expected, FP32_TOL)
+
+
+def test_bf16_autocast_forward_and_gradients():
+    """bf16 operands and activations, fp32 accumulation and statistics, against
+    the fp32 reference. On CPU, Triton 3.9's interpreter truncates fp32 -> bf16
+    (the GPU rounds to nearest) and has no bf16 tl.dot (operands rounded to bf16
+    are multiplied in fp32 there), so this checks the kernels' bf16 data flow,
+    not the GPU's exact rounding."""
+    params = random_params(6, 16, 24, 8, seed=13)
+    x, grad_out = inputs(6, 16, 24, seed=14)
+    expected = forward_backward(saib_reference, x, params, grad_out, patch=8)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        actual = forward_backward(saib_triton, x, params, grad_out, patch=8)
+    assert actual["out"].dtype == torch.bfloat16
+    actual["out"] = actual["out"].float()
+    assert_all_close(actual, expected, 6e-2)
+
+
+# ---------------------------------------------------------------- the module's switch
+
+
+def test_module_triton_impl_matches_reference_impl():
+    """Channels-last modules, as the training loop makes them (the 3x3 weight's strides change)."""
+    torch.manual_seed(3)
+    reference = SAIB(2, (8, 8), 4).to(DEVICE, memory_format=torch.channels_last)
+    fused = SAIB(2, (8, 8), 4, impl="triton").to(DEVICE, memory_format=torch.channels_last)
+    fused.load_state_dict(reference.state_dict())
+    assert not fused.conv2[0].weight.is_contiguous()
+    x, grad_out = inputs(2, 8, 8, seed=4)
+    results = []
+    for module in (reference, fused):
+        xx = x.clone().requires_grad_()
+        out = module(xx)
+        out.backward(grad_out)
+        results.append({"out": out, "x.grad": xx.grad, **{n: p.grad for n, p in module.named_parameters()},
+                        **dict(module.named_buffers())})
+    assert_all_close(results[1], results[0], FP32_TOL)
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8, device=DEVICE)
+    mean, std = torch.tensor(MEAN_255, device=DEVICE), torch.tensor(STD_255, device=DEVICE)
+    reference.eval(), fused.eval()
+    expected = reference.forward_uint8(images, mean, std, torch.float32)
+    actual = fused.forward_uint8(images, mean, std, torch.float32)
+    assert_all_close({"out": actual}, {"out": expected}, FP32_TOL)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="impl"):
+        SAIB(2, (8, 8), 4, impl="cuda")
+
+
+def test_falls_back_to_reference_with_one_warning(monkeypatch):
+    """CPU tensors without the interpreter: the reference runs, one warning says why."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_triton, "_warned", set())
+    assert not _triton.triton_available("cpu")[0]
+    torch.manual_seed(5)
+    reference = SAIB(2, (8, 8), 4)
+    fused = SAIB(2, (8, 8), 4, impl="triton")
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [fused(x) for _ in range(3)]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "TRITON_INTERPRET=1" in messages[0] and "\n" not in messages[0], messages
+    for out in outs:
+        assert torch.equal(out, reference(x))
+
+
+def test_module_compile_impl_matches_reference_impl():
+    """impl="compile": torch.compile of the functional reference (slow to compile on CPU: tiny shape)."""
+    torch.manual_seed(6)
+    reference = SAIB(2, (8, 8), 4).to(DEVICE)
+    compiled = SAIB(2, (8, 8), 4, impl="compile").to(DEVICE)
+    compiled.load_state_dict(reference.state_dict())
+    x, grad_out = inputs(2, 8, 8, seed=7)
+    results = []
+    for module in (reference, compiled):
+        xx = x.clone().requires_grad_()
+        out = module(xx)
+        out.backward(grad_out)
+        results.append({"out": out, "x.grad": xx.grad, **{n: p.grad for n, p in module.named_parameters()},
+                        **dict(module.named_buffers())})
+    assert_all_close(results[1], results[0], FP32_TOL)
