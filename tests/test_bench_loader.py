@@ -1,0 +1,37 @@
+"""`iecl bench loader` runs at toy size and writes the promised JSON."""
+
+from __future__ import annotations
+
+import json
+
+from profiling.bench_loader import process_tree_rss
+from train.cli import main
+
+
+def test_bench_loader_pil_writes_json(capsys, tmp_path, tiny_data):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "loader", "--backend", "pil", "--data", str(tiny_data), "--batch-size", "8",
+                 "--image-size", "32", "--steps", "8", "--warmup", "2", "--workers", "1", "--device", "cpu",
+                 "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "img/s" in table and "pil" in table
+    record = json.loads(out.read_text())
+    for key in ("backend", "device", "batch_size", "img_per_s", "cpu_threads", "peak_host_mb", "peak_gpu_mb"):
+        assert key in record
+    assert record["backend"] == "pil" and record["device"] == "cpu" and record["steps"] == 8
+    assert record["img_per_s"] > 0 and record["peak_host_mb"] > 50 and record["peak_gpu_mb"] is None
+    assert "note: 10 steps span 1.7 epochs" in table  # 48 images / batch 8 = 6 batches per epoch
+
+
+def test_bench_loader_refuses_cuda_without_a_gpu(capsys, tiny_data):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    assert main(["bench", "loader", "--data", str(tiny_data), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_process_tree_rss_counts_this_process():
+    assert process_tree_rss() > 10 * 2**20

@@ -1,0 +1,234 @@
+"""The DALI backend (pipeline/dali.py) on DALI's CPU pipelines: same order, same
+augmentation draws and (nearly) the same pixels as the PIL reference."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from pipeline import DataError, scan_image_folder
+from pipeline.augment import ViewRecipe, get_recipe
+from pipeline.dali import DaliLoader
+from pipeline.reference import ReferenceLoader
+from pipeline.sampler import EpochBatchSampler
+from pipeline.synthetic import SyntheticSpec, make_synthetic
+
+CPU = torch.device("cpu")
+MOCOV2 = get_recipe("mocov2")
+# Every random step off; crops still random, so resampling is exercised.
+PLAIN = ViewRecipe(crop_scale=(0.3, 1.0), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """24 ImageNet-like JPEGs, one class each: a label names its image (label == index)."""
+    root = tmp_path_factory.mktemp("dali") / "unique"
+    make_synthetic(root, SyntheticSpec(24, 24, seed=11), workers=1, progress=False)
+    return scan_image_folder(root)
+
+
+def _dali(images, *, recipes=MOCOV2, batch=4, size=32, seed=0, workers=0, **kw) -> DaliLoader:
+    return DaliLoader(images, recipes=recipes, batch_size=batch, image_size=size, seed=seed, workers=workers,
+                      device=CPU, **kw)
+
+
+def _epoch(loader, epoch: int, start_batch: int = 0) -> list:
+    loader.set_epoch(epoch, start_batch)
+    return list(loader)
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x.anchor, y.anchor) and torch.equal(x.query, y.query) and torch.equal(x.label, y.label)
+        for x, y in zip(a, b)
+    )
+
+
+def _mad(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().mean().item()
+
+
+def test_batches_shape_dtype_order_and_length(images):
+    loader = _dali(images)
+    sampler = EpochBatchSampler(len(images), 4, seed=0)
+    for epoch in (0, 1):
+        batches = _epoch(loader, epoch)
+        assert len(batches) == len(loader) == sampler.batches == 6
+        for k, b in enumerate(batches):
+            assert b.anchor.shape == b.query.shape == (4, 32, 32, 3)
+            assert b.anchor.dtype == b.query.dtype == torch.uint8 and b.label.dtype == torch.int64
+            assert b.anchor.is_contiguous() and b.query.is_contiguous() and b.anchor.device == CPU
+            # one class per image: the labels are the sampler's indices, batch by batch
+            assert b.label.tolist() == sampler.indices(epoch)[k * 4 : (k + 1) * 4].tolist()
+        b = batches[0]
+        assert not torch.equal(b.anchor, b.query)  # two independent augmentations
+        assert b.anchor.float().std() > 10 and 0 <= b.anchor.min() and b.anchor.max() <= 255
+    assert loader.bad_files == []
+    loader.close()
+    loader.close()  # idempotent
+
+
+def test_same_batches_and_pixels_as_reference(images):
+    """Plain crops match PIL to a grey level; with MoCo-v2's recipe the views'
+    statistics agree (DALI's hue rotation and blur differ slightly from PIL's)."""
+    for recipe, bound in ((PLAIN, 2.0), (MOCOV2[0], None)):
+        dali = _epoch(_dali(images, recipes=(recipe, recipe), size=48), 1)
+        ref = _epoch(ReferenceLoader(images, recipes=(recipe, recipe), batch_size=4, image_size=48, seed=0,
+                                     workers=0, device=CPU), 1)
+        assert [b.label.tolist() for b in dali] == [b.label.tolist() for b in ref]
+        if bound is not None:
+            for d, r in zip(dali, ref):
+                assert _mad(d.anchor, r.anchor) < bound and _mad(d.query, r.query) < bound
+        else:
+            views_d = torch.cat([torch.cat([b.anchor, b.query]) for b in dali]).float()
+            views_r = torch.cat([torch.cat([b.anchor, b.query]) for b in ref]).float()
+            assert torch.allclose(views_d.mean((0, 1, 2)), views_r.mean((0, 1, 2)), atol=10)
+            assert torch.allclose(views_d.std((0, 1, 2)), views_r.std((0, 1, 2)), atol=10)
+            assert _mad(views_d, views_r) < 8  # the same draws, not just the same statistics
+
+
+ONE_STEP = {
+    "grayscale": {"grayscale_prob": 1.0},
+    "solarize": {"solarize_prob": 1.0},
+    "flip": {"flip_prob": 1.0},
+    "blur": {"blur_prob": 1.0},
+    "brightness_contrast": {"jitter_prob": 1.0, "saturation": 0.0, "hue": 0.0},
+    "saturation": {"jitter_prob": 1.0, "brightness": 0.0, "contrast": 0.0, "hue": 0.0},
+    "hue": {"jitter_prob": 1.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0},
+    "jitter": {"jitter_prob": 1.0},  # DALI's fixed order vs the sampled one
+}
+
+
+@pytest.mark.parametrize("step", ONE_STEP)
+def test_each_augmentation_matches_reference(images, step):
+    recipe = replace(PLAIN, **ONE_STEP[step])
+    dali = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32), 0)[0]
+    ref = _epoch(ReferenceLoader(images, recipes=(recipe, PLAIN), batch_size=8, image_size=32, seed=0, workers=0,
+                                 device=CPU), 0)[0]
+    assert _mad(dali.anchor, ref.anchor) < (6.0 if step == "jitter" else 2.0)
+    assert _mad(dali.anchor, dali.query) > 2.0 or step == "flip"  # the step did something
+
+
+def test_arithmetic_contrast_is_the_same(images, monkeypatch):
+    """The GPU graph's contrast (arithmetic on the device), run on the CPU."""
+    recipe = replace(PLAIN, **ONE_STEP["brightness_contrast"])
+    op = _epoch(_dali(images, recipes=(recipe, recipe)), 0)
+    monkeypatch.setattr("pipeline.dali.ARITHMETIC_CONTRAST", True)
+    arithmetic = _epoch(_dali(images, recipes=(recipe, recipe)), 0)
+    for a, b in zip(op, arithmetic):
+        assert (a.anchor.int() - b.anchor.int()).abs().max() <= 1
+
+
+def test_fast_hue_is_a_hue_shift(images, monkeypatch):
+    """EXACT_HUE=False: DALI's YIQ rotation, the same direction as PIL's shift."""
+    recipe = replace(PLAIN, **ONE_STEP["hue"])
+    ref = _epoch(ReferenceLoader(images, recipes=(recipe, PLAIN), batch_size=8, image_size=32, seed=0, workers=0,
+                                 device=CPU), 0)[0]
+    monkeypatch.setattr("pipeline.dali.EXACT_HUE", False)
+    fast = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32), 0)[0]
+    unshifted = _epoch(_dali(images, recipes=(PLAIN, PLAIN), batch=8, size=32), 0)[0]  # same crops, no hue
+    assert _mad(fast.anchor, ref.anchor) < _mad(unshifted.anchor, ref.anchor)  # a rough approximation
+
+
+def test_workers_seeds_epochs(images):
+    inline = _epoch(_dali(images), 1)
+    parallel_loader = _dali(images, workers=2)
+    assert _same(_epoch(parallel_loader, 1), inline)
+    parallel_loader.close()
+    assert not torch.equal(_epoch(_dali(images, seed=1), 1)[0].anchor, inline[0].anchor)
+    assert not torch.equal(_epoch(_dali(images), 2)[0].anchor, inline[0].anchor)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_set_epoch_resumes_and_continues(images, workers):
+    fresh = {e: _epoch(_dali(images), e) for e in (0, 1)}
+    loader = _dali(images, workers=workers)
+    assert _same(_epoch(loader, 0, start_batch=4), fresh[0][4:])  # a resumed run
+    pipe = loader._pipe
+    assert _same(_epoch(loader, 1), fresh[1])  # the next epoch: DALI continues, no restart
+    assert loader._pipe is pipe
+    assert _same(_epoch(loader, 1, start_batch=2), fresh[1][2:])  # a jump: restarted there
+    assert _same(_epoch(loader, 1), fresh[1])  # the same epoch again
+    assert _epoch(loader, 0, start_batch=len(loader)) == []
+    assert len(loader) == 6
+    loader.close()
+
+
+def test_ranks_are_disjoint_and_cover_the_epoch(images):
+    seen = []
+    for rank in (0, 1):
+        loader = _dali(images, rank=rank, world_size=2)
+        labels = torch.cat([b.label for b in _epoch(loader, 3)]).tolist()
+        assert len(loader) == 3 and len(labels) == 12
+        seen.append(set(labels))
+    # 24 images = 3 batches x 4 x 2 ranks: nothing dropped, every image seen once
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(len(images)))
+
+
+def test_decode_window_matches_shared(images):
+    shared = _epoch(_dali(images, size=48, decode="shared"), 0)
+    window = _epoch(_dali(images, size=48, decode="window"), 0)
+    for s, w in zip(shared, window):
+        assert torch.equal(s.label, w.label)
+        assert _mad(s.anchor, w.anchor) < 2.0 and _mad(s.query, w.query) < 2.0
+    with pytest.raises(ValueError, match="decode mode"):
+        _dali(images, decode="partial")
+
+
+def test_bad_files_are_replaced_and_named(tmp_path, images):
+    root = tmp_path / "broken" / "a"
+    root.mkdir(parents=True)
+    for i in range(7):
+        (root / f"ok{i}.JPEG").write_bytes(Path(images.samples[i][0]).read_bytes())
+    data = (root / "ok3.JPEG").read_bytes()
+    (root / "ok3.JPEG").write_bytes(data[: len(data) // 3])  # truncated: no end-of-image marker
+    (root / "zz.JPEG").write_bytes(b"not a jpeg at all")
+    broken = scan_image_folder(root.parent)
+    loader = _dali(broken, batch=8, workers=2)  # the skip counts travel back from the worker processes
+    with pytest.warns(UserWarning, match="cannot read"):
+        (batch,) = _epoch(loader, 0)
+    assert batch.anchor.shape == (8, 32, 32, 3) and batch.anchor.float().std() > 10
+    assert sorted(name.rsplit("/", 1)[1] for name in loader.bad_files) == ["ok3.JPEG", "zz.JPEG"]
+    _epoch(loader, 1)
+    assert len(loader.bad_files) == 2  # cumulative, each file once
+    loader.close()
+
+
+def test_all_unreadable_and_undecodable_raise(tmp_path, images):
+    garbage = tmp_path / "garbage" / "a"
+    garbage.mkdir(parents=True)
+    for i in range(4):
+        (garbage / f"x{i}.jpg").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DataError, match="none of the 4 images"):
+        _epoch(_dali(scan_image_folder(garbage.parent)), 0)
+
+    # A PNG whose header and IEND are fine but whose pixel data is not: only the decoder can tell.
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    start = png.find(b"IDAT") + 8
+    png[start : start + 200] = bytes(200)
+    corrupt = tmp_path / "corrupt" / "a"
+    corrupt.mkdir(parents=True)
+    for i in range(3):
+        (corrupt / f"ok{i}.JPEG").write_bytes(Path(images.samples[i][0]).read_bytes())
+    (corrupt / "zz.png").write_bytes(bytes(png))
+    with pytest.raises(DataError, match=r"zz\.png.*iecl validate"):
+        _epoch(_dali(scan_image_folder(corrupt.parent)), 0)
+
+
+def test_missing_dali_is_a_data_error(images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # what `import` sees when DALI is not installed
+    with pytest.raises(DataError, match="pip install nvidia-dali"):
+        _dali(images)
