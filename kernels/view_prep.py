@@ -23,3 +23,22 @@ def prepare_view_reference(
     x = images.permute(0, 3, 1, 2).float()  # (B, C, H, W), channels-last strides
     x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def view_prep_impl(impl: str, device: torch.device):
+    """The view-preparation function for `impl` ("reference" or "triton") on
+    `device`: the Triton kernel where it can run, else the reference, with one
+    warning saying why."""
+    if impl == "reference":
+        return prepare_view_reference
+    if impl != "triton":
+        raise ValueError(f"view_prep impl must be 'reference' or 'triton', got {impl!r}")
+    from kernels._triton import triton_available, warn_fallback
+
+    ok, reason = triton_available(device)
+    if not ok:
+        warn_fallback("kernels.view_prep=triton", reason)
+        return prepare_view_reference
+    from kernels.view_prep_triton import prepare_view_triton  # imports triton
+
+    return prepare_view_triton

@@ -183,8 +183,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--patch", type=int, default=16)
@@ -195,13 +194,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU")
     parser.add_argument("--json", type=str, default=None, help="write the report to this path")
-    args = parser.parse_args(argv)
+
+
+def run_args(args: argparse.Namespace) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     warmup = args.warmup if args.warmup is not None else (10 if device.startswith("cuda") else 1)
     impls = tuple(impl for impl in args.impls.split(",") if impl)
     unknown = set(impls) - set(IMPLS)
     if unknown:
-        parser.error(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
+        from train.config import (
+            ConfigError,  # a one-line user error at the command line
+        )
+
+        raise ConfigError(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
     report = run(args.batch_size, args.image_size, args.patch, args.dtype, device, args.iters, warmup, impls,
                  args.compile_on_cpu)
     print(format_table(report))
@@ -209,6 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,19 @@ BENCH_HELP = """\
 Benchmarks: each prints a table and writes one JSON object (--json).
 
   iecl bench loader --backend pil dali ffcv --data /data/synthetic-10k --batch-size 256 --device cuda
+  iecl bench saib --batch-size 256 --image-size 224 --patch 16 --dtype bf16 --json saib.json
+"""
+
+SAIB_HELP = """\
+SAIB forward, backward and forward+backward times (median of --iters, CUDA
+events on a GPU, warm-up excluded) for the eager PyTorch reference,
+torch.compile of it and the Triton kernels, each with its achieved TFLOP/s and
+its share of this machine's bf16 matrix-multiply rate, measured in the same run.
+On a CPU the Triton rows time the interpreter (TRITON_INTERPRET=1 must be set
+before starting), not the kernels: CPU runs only keep the command alive.
+
+  iecl bench saib --batch-size 256 --image-size 224 --patch 16 --dtype bf16
+  TRITON_INTERPRET=1 iecl bench saib --batch-size 8 --image-size 32 --patch 8 --dtype fp32 --iters 3
 """
 
 LOADER_HELP = """\
@@ -29,7 +42,7 @@ For ffcv, DATA may be a .beton, or a folder that is converted once into
 
 def register(commands) -> None:
     bench = commands.add_parser(
-        "bench", help="benchmarks (loader)", description=BENCH_HELP,
+        "bench", help="benchmarks (loader, saib)", description=BENCH_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -51,6 +64,23 @@ def register(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the result as one JSON object")
     p.set_defaults(run=_run_loader)
+
+
+    p = which.add_parser(
+        "saib", help="SAIB kernels against the reference and torch.compile", description=SAIB_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from profiling.bench_saib import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=_run_saib)
+
+
+def _run_saib(args) -> int:
+    from profiling.bench_saib import run_args
+
+    run_args(args)
+    return 0
 
 
 def _run_loader(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from itertools import pairwise
 
@@ -178,3 +179,20 @@ def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     log = MetricsLog(tmp_path, resume_step=5)
     log.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data):
+    """kernels.saib_impl picks SAIB's implementation; Triton on a CPU without the
+    interpreter falls back to the reference with one warning."""
+    import warnings
+
+    from kernels.view_prep import prepare_view_reference, view_prep_impl
+
+    cfg = tiny_config(tiny_data, tmp_path, {"kernels": {"saib_impl": "compile"}})
+    method, *_ = build(cfg, scan_image_folder(tiny_data), CPU)
+    assert method.saib.impl == "compile"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert view_prep_impl("triton", CPU) is prepare_view_reference
+        assert any("TRITON_INTERPRET=1" in str(w.message) for w in caught)

@@ -78,6 +78,14 @@ class SAIBConfig:
 
 
 @dataclass
+class KernelsConfig:
+    # reference: PyTorch; triton: the fused kernels (falls back to the reference,
+    # with one warning, where Triton cannot run); compile: torch.compile of the reference
+    saib_impl: Literal["reference", "triton", "compile"] = "reference"
+    view_prep: Literal["reference", "triton"] = "reference"
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adamw", "lars"] = "adamw"
     lr: float = 4e-3  # per 256 images when lr_scaling is linear
@@ -109,6 +117,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     saib: SAIBConfig = field(default_factory=SAIBConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

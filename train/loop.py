@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.view_prep import prepare_view_reference
+from kernels.view_prep import view_prep_impl
 from model.methods import Method, build_method
 from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, build_loader
 from pipeline.sampler import EpochBatchSampler
@@ -85,6 +85,7 @@ def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
         saib=cfg.saib.enabled,
         patch_size=cfg.saib.patch_size,
         saib_weight_decay=cfg.saib.weight_decay,
+        saib_impl=cfg.kernels.saib_impl,
         tau=cfg.method.tau,
         momentum=cfg.method.momentum,
         lambda_entropy=cfg.method.lambda_entropy,
@@ -157,6 +158,7 @@ def pretrain(
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     dtype = DTYPES[cfg.train.precision]
+    prepare_view = view_prep_impl(cfg.kernels.view_prep, device)
     mean = torch.tensor(MEAN_255, device=device)
     std = torch.tensor(STD_255, device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -184,8 +186,8 @@ def pretrain(
                     bad.check()  # before training on a batch with replaced images
                     lr = base_lr * warmup_cosine(pos.step, total, warmup, cfg.optim.min_lr_ratio)
                     set_lr(optimizer, lr)
-                    anchor = prepare_view_reference(batch.anchor, mean, std, dtype)
-                    query = prepare_view_reference(batch.query, mean, std, dtype)
+                    anchor = prepare_view(batch.anchor, mean, std, dtype)
+                    query = prepare_view(batch.query, mean, std, dtype)
                     with autocast:
                         losses = method.training_step(anchor, query)
                     optimizer.zero_grad(set_to_none=True)

@@ -43,6 +43,7 @@ class IECL(Method):
         saib: bool = True,
         patch_size: int = 16,
         saib_weight_decay: float = 1e-4,
+        saib_impl: str = "reference",
         tau: float = 0.2,
         momentum: float = 0.9,
         lambda_entropy: float = 0.2,
@@ -54,7 +55,7 @@ class IECL(Method):
         trunk = build_backbone(backbone, spectral_norm)
         self.online = Encoder(trunk, MLPBNProjector(trunk.feature_dim, projector_hidden, projector_out))
         self.target = momentum_copy(self.online)
-        self.saib = SAIB(batch_size, (image_size, image_size), patch_size) if saib else None
+        self.saib = SAIB(batch_size, (image_size, image_size), patch_size, impl=saib_impl) if saib else None
         self.saib_weight_decay = saib_weight_decay
         self.momentum = momentum
         self.lambda_entropy, self.beta_kl = lambda_entropy, beta_kl

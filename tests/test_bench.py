@@ -1,4 +1,4 @@
-"""`iecl bench loader` runs at toy size and writes the promised JSON."""
+"""`iecl bench loader` and `iecl bench saib` run at toy size and write their JSON."""
 
 from __future__ import annotations
 
@@ -35,3 +35,13 @@ def test_bench_loader_refuses_cuda_without_a_gpu(capsys, tiny_data):
 
 def test_process_tree_rss_counts_this_process():
     assert process_tree_rss() > 10 * 2**20
+
+
+def test_bench_saib_reference_at_toy_size(capsys, tmp_path):
+    out = tmp_path / "saib.json"
+    code = main(["bench", "saib", "--batch-size", "4", "--image-size", "16", "--patch", "8", "--dtype", "fp32",
+                 "--device", "cpu", "--iters", "2", "--warmup", "1", "--impls", "reference", "--json", str(out)])
+    assert code == 0 and "forward_backward" in capsys.readouterr().out
+    assert json.loads(out.read_text())
+    assert main(["bench", "saib", "--impls", "nope"]) == 2
+    assert "unknown --impls" in capsys.readouterr().err
