@@ -59,12 +59,21 @@ _CROP_FIELDS = tuple((f"v{view}_{name}", "<i4") for view in range(2) for name in
 
 
 def _ffcv():
-    """The ffcv package, or a `DataError` naming what to install."""
+    """The ffcv package, or a `DataError` naming what to install.
+
+    Importing FFCV sets torch's thread count to 1 for the whole process
+    (ffcv/pipeline/compiler.py runs `Compiler.set_num_threads(1)` at import):
+    a CPU run would train on one core. The count is put back."""
+    threads = torch.get_num_threads()
     try:
         import ffcv
         import ffcv.fields
+        import ffcv.loader
+        import ffcv.pipeline.compiler  # noqa: F401 - the import that changes the thread count
     except ImportError as err:
         raise DataError(f"data.backend=ffcv needs FFCV ({err}): {INSTALL_HINT}") from None
+    finally:
+        torch.set_num_threads(threads)
     return ffcv
 
 

@@ -11,7 +11,15 @@ from pipeline.synthetic import SyntheticSpec, make_synthetic
 from train.config import Config, apply, resolve_runtime, validate
 
 # Deterministic, comparable CPU numbers however many cores the machine has.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Every test starts with THREADS: a library that changes torch's thread count
+    (FFCV does, at import) must not change the numbers of the tests after it."""
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
