@@ -35,7 +35,7 @@ class SAIBParams(NamedTuple):
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (C*H/p*W/p, B, p, p); the same as `model.saib.patchify`."""
+    """(B, C, H, W) -> patch-images (C*H/p*W/p, B, p, p); batch becomes channels."""
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // patch, patch, w // patch, patch)
     x = x.permute(1, 2, 4, 0, 3, 5)  # (C, H/p, W/p, B, p, p)
@@ -43,7 +43,7 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def unpatchify(p: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
-    """(N, B, p, p) -> (B, C, H, W); the same as `model.saib.unpatchify`."""
+    """Inverse of `patchify`: (N, B, p, p) -> (B, C, H, W)."""
     _, b, patch, _ = p.shape
     x = p.reshape(channels, height // patch, width // patch, b, patch, patch)
     x = x.permute(3, 0, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)

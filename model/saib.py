@@ -32,29 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels._triton import triton_available, warn_fallback
-from kernels.saib_reference import SAIBParams, compiled_saib_reference, saib_reference
+from kernels.saib_reference import (
+    SAIBParams,
+    compiled_saib_reference,
+    patchify,
+    saib_reference,
+    unpatchify,
+)
 from kernels.view_prep import prepare_view_reference
 
 #: "reference": this module's code; "triton": the fused kernels (kernels/saib_function.py),
 #: falling back to the reference with one warning where Triton cannot run;
 #: "compile": torch.compile of the functional reference (kernels/saib_reference.py).
 IMPLS = ("reference", "triton", "compile")
-
-
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> patch-images (C*H/p*W/p, B, p, p); batch becomes channels."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // patch, patch, w // patch, patch)
-    x = x.permute(1, 2, 4, 0, 3, 5)  # (C, H/p, W/p, B, p, p)
-    return x.reshape(c * (h // patch) * (w // patch), b, patch, patch)
-
-
-def unpatchify(p: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of `patchify`: (N, B, p, p) -> (B, C, H, W)."""
-    _, b, patch, _ = p.shape
-    x = p.reshape(channels, height // patch, width // patch, b, patch, patch)
-    x = x.permute(3, 0, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
-    return x.reshape(b, channels, height, width)
 
 
 class ConvBN(nn.Sequential):
