@@ -42,3 +42,16 @@ def view_prep_impl(impl: str, device: torch.device):
     from kernels.view_prep_triton import prepare_view_triton  # imports triton
 
     return prepare_view_triton
+
+
+class ViewPrep:
+    """One view's preparation with its constants bound: uint8 (B, H, W, C) ->
+    (x - mean) / std as `dtype`, channels-last. Methods read `mean`, `std` and
+    `dtype` when they fuse the preparation into their own first kernel."""
+
+    def __init__(self, impl: str, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        self.fn = view_prep_impl(impl, device)
+        self.mean, self.std, self.dtype = mean, std, dtype
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fn(images, self.mean, self.std, self.dtype)

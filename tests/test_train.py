@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -196,3 +197,20 @@ def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data):
             warnings.simplefilter("always")
             assert view_prep_impl("triton", CPU) is prepare_view_reference
         assert any("TRITON_INTERPRET=1" in str(w.message) for w in caught)
+
+
+def test_step_on_views_equals_training_step_on_prepared_views(tiny_data, tmp_path):
+    """The loop's entry point (uint8 views, preparation inside the method, the
+    query's fused into SAIB) computes exactly what training_step computes."""
+    from kernels.view_prep import ViewPrep
+
+    cfg = tiny_config(tiny_data, tmp_path)
+    method, loader, *_ = build(cfg, scan_image_folder(tiny_data), CPU)
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    prepare = ViewPrep("reference", MEAN, STD, torch.float32, CPU)
+    twin = copy.deepcopy(method)  # a step changes state (spectral norm's power iteration, BN buffers)
+    fused = method.step_on_views(batch.anchor, batch.query, prepare)
+    plain = twin.training_step(*_views(batch))
+    for key in fused:
+        assert torch.equal(fused[key], plain[key]), key

@@ -1,7 +1,8 @@
 """The pretraining loop.
 
-One step: prepare both views (normalise, cast, channels-last), the method's
-`training_step` under autocast, backward through the gradient scaler (active
+One step, under autocast: the method's `step_on_views` on the loader's uint8
+views, which prepares them (normalise, cast, channels-last; IE-CL fuses the
+query's preparation into SAIB) and computes the losses; backward through the gradient scaler (active
 for fp16 only), the optimizer step, the momentum update. Losses stay on the
 device between log steps, so the GPU is synchronised only when a row is logged
 (every `train.log_every` steps) and when the run's throughput is measured.
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.view_prep import view_prep_impl
+from kernels.view_prep import ViewPrep
 from model.methods import Method, build_method
 from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, build_loader
 from pipeline.sampler import EpochBatchSampler
@@ -158,9 +159,9 @@ def pretrain(
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     dtype = DTYPES[cfg.train.precision]
-    prepare_view = view_prep_impl(cfg.kernels.view_prep, device)
     mean = torch.tensor(MEAN_255, device=device)
     std = torch.tensor(STD_255, device=device)
+    prepare = ViewPrep(cfg.kernels.view_prep, mean, std, dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     metrics = MetricsLog(run_dir, resume_step=pos.step if state is not None else None)
@@ -186,10 +187,8 @@ def pretrain(
                     bad.check()  # before training on a batch with replaced images
                     lr = base_lr * warmup_cosine(pos.step, total, warmup, cfg.optim.min_lr_ratio)
                     set_lr(optimizer, lr)
-                    anchor = prepare_view(batch.anchor, mean, std, dtype)
-                    query = prepare_view(batch.query, mean, std, dtype)
                     with autocast:
-                        losses = method.training_step(anchor, query)
+                        losses = method.step_on_views(batch.anchor, batch.query, prepare)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(losses["loss"]).backward()
                     scaler.step(optimizer)

@@ -22,6 +22,12 @@ class Method(nn.Module):
         """Both views (B, 3, H, W) -> {"loss": scalar to minimise, other named scalars to log}."""
         raise NotImplementedError
 
+    def step_on_views(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor, prepare) -> dict[str, torch.Tensor]:
+        """`training_step` from the loader's uint8 NHWC views; `prepare(view_u8)`
+        normalises one view. Methods that can fuse the preparation into their
+        first op (IE-CL's SAIB on the query) override this."""
+        return self.training_step(prepare(anchor_u8), prepare(query_u8))
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; each may carry its own `weight_decay`."""
         raise NotImplementedError

@@ -64,8 +64,17 @@ class IECL(Method):
         self.entropy = build_entropy(entropy, coding_rate_eps)
 
     def training_step(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.saib is not None:
-            query = self.saib(query)
+        return self._losses(anchor, self.saib(query) if self.saib is not None else query)
+
+    def step_on_views(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor, prepare) -> dict[str, torch.Tensor]:
+        """With SAIB, the query's normalisation is SAIB's first load (fused with
+        kernels.saib_impl=triton), so the normalised query is never written."""
+        if self.saib is None:
+            return super().step_on_views(anchor_u8, query_u8, prepare)
+        query = self.saib.forward_uint8(query_u8, prepare.mean, prepare.std, prepare.dtype)
+        return self._losses(prepare(anchor_u8), query)
+
+    def _losses(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
         # Separate forwards: each view keeps its own BatchNorm statistics. Within
         # `cached()`, each spectral-normalised weight (one power iteration, one
         # division) is computed once per step, not once per forward, so both views
