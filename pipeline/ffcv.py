@@ -69,7 +69,7 @@ def _ffcv():
         import ffcv
         import ffcv.fields
         import ffcv.loader
-        import ffcv.pipeline.compiler  # noqa: F401 - the import that changes the thread count
+        import ffcv.pipeline.compiler
     except ImportError as err:
         raise DataError(f"data.backend=ffcv needs FFCV ({err}): {INSTALL_HINT}") from None
     finally:

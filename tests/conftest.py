@@ -61,3 +61,25 @@ def tiny_config(data_root, out_dir, updates: dict | None = None) -> Config:
         apply(cfg, updates)
     validate(cfg)
     return resolve_runtime(cfg, cuda_available=False, bf16_supported=False)
+
+
+def rewrite_interpreted_kernels(*modules, attempts: int = 3) -> None:
+    """Have Triton's interpreter parse every kernel of `modules` now, once.
+
+    It rewrites each kernel's source through `ast.parse` on first use, and
+    CPython before 3.11.8 / 3.12.1 can fail such a parse at random with
+    "SystemError: AST constructor recursion depth mismatch" (its recursion
+    counter was not thread-safe, CPython gh-106905): seen once in a full CI run
+    (Python 3.11.7), never when rerun. The parse is retried for that error only,
+    so no kernel test fails on it; the rewritten kernels are cached per process.
+    """
+    kernels = [obj for module in modules for obj in vars(module).values()
+               if type(obj).__name__ == "InterpretedFunction" and hasattr(obj, "rewrite")]
+    for kernel in kernels:
+        for attempt in range(attempts):
+            try:
+                kernel.rewrite()
+                break
+            except SystemError as err:
+                if "recursion depth mismatch" not in str(err) or attempt == attempts - 1:
+                    raise

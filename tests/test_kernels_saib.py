@@ -34,6 +34,15 @@ if not _triton.triton_available(DEVICE)[0]:
 FP32_TOL = 2e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_parsed():
+    from conftest import rewrite_interpreted_kernels
+
+    from kernels import saib_bwd, saib_fwd
+
+    rewrite_interpreted_kernels(saib_fwd, saib_bwd)
+
+
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)

@@ -26,6 +26,15 @@ if not _triton.triton_available(DEVICE)[0]:
     pytest.skip(f"Triton cannot run here: {_triton.triton_available(DEVICE)[1]}", allow_module_level=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_parsed():
+    from conftest import rewrite_interpreted_kernels
+
+    from kernels import view_prep_triton
+
+    rewrite_interpreted_kernels(view_prep_triton)
+
+
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
