@@ -74,10 +74,9 @@ def _apply(x, norm_mean, norm_std, view_dtype, params: SAIBParams, patch, traini
                               *params.bn_weights, *params.bn_biases, config)
 
 
-def _check_float_input(x: torch.Tensor, params: SAIBParams, patch: int) -> None:
-    b, c, h, w = x.shape
-    assert c == 3 and h % patch == 0 and w % patch == 0, (tuple(x.shape), patch)
-    assert params.conv_weights[0].shape[0] == b, "SAIB's channels are the batch"
+def _check_geometry(batch: int, channels: int, height: int, width: int, params: SAIBParams, patch: int) -> None:
+    assert channels == 3 and height % patch == 0 and width % patch == 0, ((batch, channels, height, width), patch)
+    assert params.conv_weights[0].shape[0] == batch, "SAIB's channels are the batch"
 
 
 def saib_triton(
@@ -91,7 +90,7 @@ def saib_triton(
     """SAIB forward on the Triton kernels; the arguments of `saib_reference`."""
     if not x.is_floating_point() or x.ndim != 4:
         raise ValueError(f"expected a float (B, 3, H, W) batch, got {x.dtype} {tuple(x.shape)}")
-    _check_float_input(x, params, patch)
+    _check_geometry(*x.shape, params, patch)
     return _apply(x, None, None, None, params, patch, training, momentum, eps)
 
 
@@ -111,8 +110,7 @@ def saib_triton_uint8(
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 (B, H, W, C) views, got {images.dtype} {tuple(images.shape)}")
     b, h, w, c = images.shape
-    assert c == 3 and h % patch == 0 and w % patch == 0, (tuple(images.shape), patch)
-    assert params.conv_weights[0].shape[0] == b, "SAIB's channels are the batch"
+    _check_geometry(b, c, h, w, params, patch)
     mean = mean.to(device=images.device, dtype=torch.float32).contiguous()
     std = std.to(device=images.device, dtype=torch.float32).contiguous()
     return _apply(images, mean, std, dtype, params, patch, training, momentum, eps)

@@ -59,6 +59,7 @@ from pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rn
 from pipeline.errors import DataError
 from pipeline.folder import ImageList
 from pipeline.sampler import EpochBatchSampler
+from pipeline.validate import DECODE_ERRORS
 from pipeline.views import ViewBatch
 
 DECODE_MODES = ("shared", "window")
@@ -68,7 +69,6 @@ INSTALL_HINT = (
 )
 # Formats DALI's decoders read (PIL's names); anything else is treated as unreadable.
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"})
-HEADER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 # The per-view parameter vector (float32) the callback hands to the graph.
 P_BOX = slice(0, 4)  # left, top, w, h: image_slice's anchor (x, y) and shape (w, h), "WH" order
 P_ROI_START, P_ROI_END = slice(4, 6), slice(6, 8)  # resize's ROI in source pixels, (y, x); x swapped = flip
@@ -172,7 +172,7 @@ class SampleSource:
             try:
                 data = self.images.read(source)
                 return source, data, check_encoded(data), skipped
-            except HEADER_ERRORS:
+            except DECODE_ERRORS:
                 continue
         raise DataError(f"none of the {n} images in {self.images.root} can be read; run `iecl validate DATA_DIR`")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 VALIDATE_HELP = """\
@@ -98,7 +99,7 @@ def run_convert(args) -> int:
     images = open_images(args.data)
     info = convert(
         images, args.out, max_resolution=args.max_resolution, jpeg_quality=args.quality, raw=args.raw,
-        workers=args.workers or _cores(), progress=not args.no_progress, overwrite=args.overwrite,
+        workers=args.workers or os.cpu_count() or 1, progress=not args.no_progress, overwrite=args.overwrite,
     )
     for name, reason in info["skipped"]:
         print(f"skipped  {name}  ({reason})", file=sys.stderr)
@@ -107,9 +108,3 @@ def run_convert(args) -> int:
         f"in {info['seconds']:.1f} s; {len(info['skipped'])} unreadable image(s) left out"
     )
     return 0
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
