@@ -19,7 +19,9 @@ I(q; k) >= log(B) - L. Its ceiling is therefore log(B), not the log(2K - 1) of
 SimCLR's NT-Xent, where each of the 2K views is contrasted with all 2K - 1
 others. IE-CL's `loss_nce` is the *sum* of the two directions
 (`InfoNCE(q_a, k_q) + InfoNCE(q_q, k_a)`), so `diagnostics` divides it by 2
-before taking the per-direction bound.
+before taking the per-direction bound. Each method states its own candidates
+and directions (`Method.nce_candidates`, `Method.nce_directions`); SimCLR's
+NT-Xent has 2B - 1 candidates, so its ceiling is the paper's log(2K - 1).
 """
 
 from __future__ import annotations
@@ -96,27 +98,30 @@ def infonce_mi_ceiling(batch_size: int) -> float:
 def diagnostics(
     z_query: torch.Tensor,
     z_anchor: torch.Tensor,
-    loss_nce: float | torch.Tensor,
-    batch_size: int,
-    directions: int = 2,
+    loss_nce: float | torch.Tensor | None = None,
+    *,
+    candidates: int = 0,
+    directions: int = 1,
 ) -> dict[str, float]:
     """All diagnostics of one step, as plain floats ready for `MetricsLog.log`.
 
     `loss_nce` is the contrastive loss as the method returns it: the sum over
-    `directions` InfoNCE terms (2 for IE-CL's symmetric loss), each over a
-    batch of `batch_size` pairs with in-batch negatives.
+    `directions` InfoNCE terms, each a softmax over `candidates` (the positive
+    and the negatives: B for IE-CL's in-batch InfoNCE, 2B - 1 for SimCLR's
+    NT-Xent, 1 + queue size for MoCo). Without it (BYOL, SimSiam: no
+    contrastive loss) only the embedding measures are returned.
     """
-    per_direction = torch.as_tensor(loss_nce, device=z_query.device).detach().float() / directions
     measured = {
         "effective_rank_query": effective_rank(z_query),
         "effective_rank_anchor": effective_rank(z_anchor),
         "renyi2_query": renyi2_entropy(z_query),
         "renyi2_anchor": renyi2_entropy(z_anchor),
-        "mi_bound": infonce_mi_bound(per_direction, batch_size - 1),
     }
+    if loss_nce is not None:
+        per_direction = torch.as_tensor(loss_nce, device=z_query.device).detach().float() / directions
+        measured["mi_bound"] = infonce_mi_bound(per_direction, candidates - 1)
     values = torch.stack(list(measured.values())).tolist()  # one device sync, not five
-    return {
-        **dict(zip(measured, values, strict=True)),
-        "mi_ceiling": math.log(batch_size),
-        "mi_ceiling_nt_xent": infonce_mi_ceiling(batch_size),
-    }
+    result = dict(zip(measured, values, strict=True))
+    if loss_nce is not None:
+        result["mi_ceiling"] = math.log(candidates)
+    return result

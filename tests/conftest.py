@@ -48,6 +48,25 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    """A run folder (with last.pt) of a 4-step IE-CL run on `tiny_data`, for the
+    evaluation commands. Its backbone is a ResNet-18 barely trained: what it
+    shows is that evaluation works end to end, not that pretraining helped."""
+    from train.loop import pretrain
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = tiny_config(tiny_data, out, {"train": {"max_steps": 4}})
+    from train.run_dir import create_run_dir, write_run_files
+
+    run_dir = create_run_dir(cfg)
+    write_run_files(run_dir, cfg, {"images": 48, "data_root": str(tiny_data)}, resumed=False)
+    from pipeline import open_images
+
+    pretrain(cfg, run_dir, open_images(tiny_data), progress=False)
+    return run_dir
+
+
 def tiny_overrides() -> list[str]:
     """TINY as command-line overrides."""
     return [f"{section}.{key}={value}" for section, values in TINY.items() for key, value in values.items()]

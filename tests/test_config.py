@@ -28,10 +28,51 @@ def test_smoke_config_is_the_default_and_lists_every_key():
     assert {f"{s}.{k}" for s, section in listed.items() for k in section} == _keys(Config())
 
 
-@pytest.mark.parametrize("name", ["smoke", "imagenet_r18", "imagenet_r50"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_shipped_configs_load_and_validate(name):
     cfg = validate(load_config(name))
-    assert cfg.method.name == "iecl"
+    assert cfg.method.name == {"mocov2_r50": "mocov2", "simclr_r50": "simclr", "byol_r50": "byol",
+                               "simsiam_r50": "simsiam"}.get(name, "iecl")
+    assert cfg.method.name == "iecl" or not cfg.saib.enabled  # baselines ship as published; SAIB is opt-in
+
+
+@pytest.mark.parametrize("name,expected", [
+    # each baseline's own paper (README lists the sources)
+    ("mocov2_r50", {"method.momentum": 0.999, "method.tau": 0.2, "method.queue_size": 65536, "optim.name": "sgd",
+                    "optim.lr": 0.03, "optim.weight_decay": 1e-4, "model.projector_out": 128,
+                    "data.recipe": "mocov2"}),
+    ("simclr_r50", {"method.tau": 0.1, "optim.name": "lars", "optim.lr": 0.3, "optim.weight_decay": 1e-6,
+                    "model.projector_hidden": 2048, "model.projector_out": 128, "data.recipe": "simclr"}),
+    ("byol_r50", {"method.momentum": 0.99, "optim.name": "lars", "optim.lr": 0.2, "optim.weight_decay": 1.5e-6,
+                  "model.projector_hidden": 4096, "model.projector_out": 256, "model.predictor_hidden": 4096,
+                  "data.recipe": "byol"}),
+    ("simsiam_r50", {"optim.name": "sgd", "optim.lr": 0.05, "optim.weight_decay": 1e-4,
+                     "model.projector_out": 2048, "model.predictor_hidden": 512, "data.recipe": "mocov2"}),
+])
+def test_baseline_configs_carry_their_papers_hyperparameters(name, expected):
+    cfg = validate(load_config(name))
+    for key, value in expected.items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == value, key
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.model.spectral_norm) == (256, 200, False)
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("iecl", (0.9, 0.2, None, "mocov2")),
+    ("mocov2", (0.999, 0.2, None, "mocov2")),
+    ("simclr", (None, 0.1, None, "simclr")),
+    ("byol", (0.99, None, 4096, "byol")),
+    ("simsiam", (None, None, 512, "mocov2")),
+])
+def test_null_means_the_methods_own_default(method, expected):
+    cfg = validate(load_config(None, [f"method.name={method}"]))
+    assert (cfg.method.momentum, cfg.method.tau, cfg.model.predictor_hidden, cfg.data.recipe) == expected
+    assert cfg.model.spectral_norm is (method == "iecl")
+
+
+def test_an_explicit_value_beats_the_methods_default():
+    cfg = validate(load_config(None, ["method.name=byol", "method.momentum=0.996", "data.recipe=simclr"]))
+    assert (cfg.method.momentum, cfg.data.recipe) == (0.996, "simclr")
 
 
 def test_imagenet_configs_carry_the_paper_hyperparameters():
@@ -86,6 +127,9 @@ def test_missing_config_file_lists_the_shipped_ones():
     ("train.batch_size=1", "train.batch_size must be at least 2"),
     ("data.crop_scale=[0.9, 0.5]", "data.crop_scale must satisfy"),
     ("method.momentum=1.0", "method.momentum must lie in [0, 1)"),
+    ("method.queue_size=0", "method.queue_size must be positive"),
+    ("eval.val_fraction=1.0", "eval.val_fraction must lie in (0, 1)"),
+    ("eval.knn_every=-1", "eval.knn_every must be 0 (off) or positive"),
     ("data.synthetic_images=16", "data.synthetic_images (16) must be at least train.batch_size (32)"),
 ])
 def test_invalid_combinations_are_refused(override, message):

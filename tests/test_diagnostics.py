@@ -80,13 +80,25 @@ def test_diagnostics_under_bf16_autocast():
     torch.manual_seed(0)
     z_query, z_anchor = torch.randn(64, 16), torch.randn(64, 16)
     loss_nce = torch.tensor(7.0)  # the sum of two directions
-    reference = diagnostics(z_query, z_anchor, loss_nce, batch_size=64)
+    reference = diagnostics(z_query, z_anchor, loss_nce, candidates=64, directions=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = diagnostics(z_query.bfloat16(), z_anchor.bfloat16(), loss_nce, batch_size=64)
+        mixed = diagnostics(z_query.bfloat16(), z_anchor.bfloat16(), loss_nce, candidates=64, directions=2)
     assert all(isinstance(value, float) for value in mixed.values())
     assert mixed["mi_bound"] == pytest.approx(math.log(64) - 3.5, rel=1e-6)
     assert mixed["mi_ceiling"] == pytest.approx(math.log(64))
-    assert mixed["mi_ceiling_nt_xent"] == pytest.approx(math.log(127))
     # Only the bf16 rounding of the inputs differs (~3 significant digits).
     for key, value in reference.items():
         assert mixed[key] == pytest.approx(value, rel=2e-2), key
+
+
+def test_diagnostics_without_a_contrastive_loss_report_only_the_embeddings():
+    """BYOL and SimSiam have no InfoNCE: no bound is invented for them."""
+    torch.manual_seed(0)
+    out = diagnostics(torch.randn(16, 8), torch.randn(16, 8))
+    assert set(out) == {"effective_rank_query", "effective_rank_anchor", "renyi2_query", "renyi2_anchor"}
+
+
+def test_nt_xent_candidates_give_the_papers_ceiling():
+    out = diagnostics(torch.randn(16, 8), torch.randn(16, 8), torch.tensor(2.0), candidates=2 * 16 - 1)
+    assert out["mi_ceiling"] == pytest.approx(infonce_mi_ceiling(16))
+    assert out["mi_bound"] == pytest.approx(math.log(31) - 2.0, rel=1e-6)

@@ -214,3 +214,123 @@ def test_step_on_views_equals_training_step_on_prepared_views(tiny_data, tmp_pat
     plain = twin.training_step(*_views(batch))
     for key in fused:
         assert torch.equal(fused[key], plain[key]), key
+
+
+def test_logged_rows_carry_the_diagnostics_and_the_knn_monitor(tiny_data, tmp_path):
+    """Every logged row has the embedding diagnostics and IE-CL's InfoNCE bound
+    (below its ceiling log B); the kNN monitor runs at each epoch end, on the
+    training data split per class, and writes its own rows."""
+    cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 2, "log_every": 3},
+                                            "eval": {"knn_every": 1, "knn_k": 5, "val_fraction": 0.25}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = pretrain(cfg, run_dir, scan_image_folder(tiny_data), progress=False)
+    rows = read_metrics(run_dir)
+    loss_rows = [r for r in rows if "loss" in r]
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in loss_rows] == [3, 6, 9, 12]
+    for row in loss_rows:
+        assert 1.0 <= row["effective_rank_query"] <= 8 - 1 + 1e-4  # batch 8, centred: rank <= 7
+        assert 0.0 <= row["renyi2_query"] <= math.log(8) + 1e-5
+        assert row["mi_ceiling"] == pytest.approx(math.log(8))
+        assert row["mi_bound"] <= row["mi_ceiling"]
+    assert [(r["step"], r["epoch"]) for r in knn_rows] == [(6, 1.0), (12, 2.0)]
+    for row in knn_rows:
+        assert 0.0 <= row["knn_top1"] <= 1.0 and row["knn_seconds"] > 0
+    assert summary.knn == {k: knn_rows[-1][k] for k in summary.knn}
+    assert set(summary.losses) == {"loss", "loss_nce", "loss_kl", "entropy"}
+
+
+def test_knn_monitor_refuses_unlabelled_data_before_training(tmp_path, sixteen_images):
+    from train.config import ConfigError
+    from train.monitor import knn_splits
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(sixteen_images.rglob("*.JPEG")):
+        shutil.copy(path, flat / path.name)
+    cfg = tiny_config(flat, tmp_path, {"eval": {"knn_every": 1}})
+    with pytest.raises(ConfigError, match="eval.knn_data"):
+        knn_splits(cfg, scan_image_folder(flat))
+    cfg.eval.knn_every = 0
+    assert knn_splits(cfg, scan_image_folder(flat)) is None
+
+
+def _nan_at(method, steps: set[int]):
+    """Make `method` return a NaN loss at the given 0-based calls of loss_on_views."""
+    original, calls = method.loss_on_views, [0]
+
+    def faulty(anchor, query):
+        losses = original(anchor, query)
+        if calls[0] in steps:
+            losses["loss"] = losses["loss"] * float("nan")
+        calls[0] += 1
+        return losses
+
+    method.loss_on_views = faulty
+
+
+def test_a_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
+    """Step 3's loss is NaN: no update is made that step (the weights after it
+    equal the weights before it), the step counts, and the run finishes."""
+    from train import loop
+
+    built = {}
+
+    def build_with_fault(*args, **kwargs):
+        method, *rest = loop_build(*args, **kwargs)
+        _nan_at(method, {2})
+        built["method"] = method
+        return (method, *rest)
+
+    loop_build = loop.build
+    monkeypatch.setattr(loop, "build", build_with_fault)
+    cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 1, "log_every": 1, "max_nonfinite": 1}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = pretrain(cfg, run_dir, scan_image_folder(tiny_data), progress=False)
+    assert summary.steps == 6 and summary.skipped_steps == 1 and summary.stopped_by == "done"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 4, 5, 6]  # the skipped step logs no losses
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(p).all() for p in built["method"].parameters())
+
+
+def test_persistent_nonfinite_losses_stop_the_run_with_the_weights_from_before(tiny_data, tmp_path, monkeypatch):
+    from train import loop
+    from train.faults import NonFiniteLoss
+
+    loop_build = loop.build
+    kept = {}
+
+    def build_with_faults(*args, **kwargs):
+        method, *rest = loop_build(*args, **kwargs)
+        _nan_at(method, set(range(3, 100)))
+        kept["method"] = method
+        return (method, *rest)
+
+    monkeypatch.setattr(loop, "build", build_with_faults)
+    cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 2, "max_nonfinite": 2}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(NonFiniteLoss, match=r"3 step\(s\) in a row \(steps 4 to 6.*--resume"):
+        pretrain(cfg, run_dir, scan_image_folder(tiny_data), progress=False)
+    state = ckpt.load(run_dir / "last.pt")
+    assert state["step"] == 5  # steps 4 and 5 skipped, the third fault (step 6) stops before counting
+    # No update after step 3: the online weights in the checkpoint are the live ones, all finite.
+    for name, value in kept["method"].state_dict().items():
+        if name.startswith("online.") and value.is_floating_point():
+            assert torch.equal(state["method"][name], value), name
+            assert torch.isfinite(value).all(), name
+
+
+def test_periodic_snapshots_keep_the_newest(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 2, "checkpoint_every": 2, "keep_checkpoints": 2}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    pretrain(cfg, run_dir, scan_image_folder(tiny_data), progress=False)
+    snaps = sorted(p.name for p in run_dir.glob("step-*.pt"))
+    assert snaps == ["step-00000010.pt", "step-00000012.pt"]
+    assert not list(run_dir.glob(".*tmp*"))
+    assert ckpt.load(run_dir / snaps[0])["step"] == 10 and ckpt.load(run_dir / "last.pt")["step"] == 12

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,24 @@ def save_atomic(state: dict, path: Path) -> None:
         pass
 
 
+def snapshot(last: Path, step: int, keep: int) -> Path:
+    """Keep `last` also as `step-<step>.pt` beside it (a hard link: no copy, and
+    it stays valid when `last` is later replaced by rename), then delete all but
+    the newest `keep` snapshots."""
+    last = Path(last)
+    target = last.with_name(f"step-{step:08d}.pt")
+    tmp = last.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, target)
+    for old in sorted(last.parent.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return target
+
+
 def load(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -48,7 +67,8 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways inside the unpickler
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's messages run to many lines
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an iecl checkpoint (format {FORMAT})")
     return state

@@ -16,14 +16,19 @@ from pathlib import Path
 from pipeline.errors import DataError
 from train.checkpoint import CheckpointError
 from train.cli_data import add_commands as add_data_commands
+from train.cli_eval import add_commands as add_eval_commands
+from train.cli_mi import add_commands as add_mi_commands
 from train.config import ConfigError
+from train.faults import NonFiniteLoss
 from train.run_dir import RunDirError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLoss)
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 PRETRAIN_HELP = """\
-Pretrain an encoder with IE-CL.
+Pretrain an encoder with IE-CL (the default) or a baseline: method.name=mocov2,
+simclr, byol or simsiam, each with saib.enabled=true or false (SAIB on the
+query side of the contrastive methods, the target side of BYOL and SimSiam).
 
 With no arguments this is the smoke run: a ResNet-18 on a small synthetic
 ImageNet-style folder of JPEGs (made on first use under data.synthetic_cache,
@@ -32,10 +37,15 @@ shipped config and override what differs:
 
   iecl pretrain --config imagenet_r50 data.root=/data/imagenet/train
   iecl pretrain --config configs/imagenet_r18.yaml train.batch_size=128 train.compile=true
+  iecl pretrain --config byol_r50 data.root=/data/imagenet/train saib.enabled=true
+  iecl pretrain method.name=simclr saib.enabled=false        # a baseline's smoke run
   iecl pretrain --resume runs/iecl-resnet50-20261125-101500
 
 Overrides are section.key=value (the value is read as YAML). Every key, with
-its meaning, is listed in configs/smoke.yaml. Each run writes a folder under
+its meaning, is listed in configs/smoke.yaml; the shipped configs are smoke,
+imagenet_r18 and imagenet_r50 (IE-CL), mocov2_r50, simclr_r50, byol_r50 and
+simsiam_r50 (each baseline's own paper). Method-specific keys left null take
+the method's own value. Each run writes a folder under
 run.out_dir with config.yaml (resolved), run.json, metrics.jsonl, tb/
 (TensorBoard) and last.pt. Ctrl-C (or SIGTERM) stops at the next step boundary
 after saving last.pt; --resume continues from it exactly.
@@ -59,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_pretrain(commands)
     _add_make_synthetic(commands)
     add_data_commands(commands)
+    add_eval_commands(commands)
+    add_mi_commands(commands)
     for register in _plugin_commands():
         register(commands)
     args = parser.parse_args(argv)
@@ -81,11 +93,12 @@ def _plugin_commands():
 
 def _add_pretrain(commands) -> None:
     p = commands.add_parser(
-        "pretrain", help="pretrain IE-CL (no arguments: a one-minute CPU smoke run)",
+        "pretrain", help="pretrain IE-CL or a baseline (no arguments: a one-minute CPU smoke run)",
         description=PRETRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied last")
-    p.add_argument("--config", metavar="NAME|PATH", help="a shipped config (smoke, imagenet_r18, imagenet_r50) or a YAML file")
+    p.add_argument("--config", metavar="NAME|PATH", help="a shipped config (smoke, imagenet_r18, imagenet_r50, mocov2_r50, simclr_r50, "
+                   "byol_r50, simsiam_r50) or a YAML file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(run=run_pretrain)
@@ -113,6 +126,7 @@ def run_pretrain(args) -> int:
     from train.config import load_config, resolve_runtime, validate
     from train.data import resolve_images
     from train.loop import planned_steps, pretrain
+    from train.monitor import knn_splits
     from train.run_dir import config_of_run, create_run_dir, write_run_files
 
     if args.resume and args.config:
@@ -128,6 +142,7 @@ def run_pretrain(args) -> int:
     cuda = torch.cuda.is_available()
     resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
     images = resolve_images(cfg.data, progress=not args.no_progress)  # data errors before anything is written
+    knn = knn_splits(cfg, images)
     steps = planned_steps(cfg, len(images))
     if state is not None and state["dataset"]["images"] != len(images):
         print(
@@ -143,7 +158,7 @@ def run_pretrain(args) -> int:
         return 0
     write_run_files(run_dir, cfg, {"images": len(images), "data_root": images.root}, resumed=state is not None)
     _print_header(cfg, images, steps, run_dir, state)
-    summary = pretrain(cfg, run_dir, images, state, progress=not args.no_progress)
+    summary = pretrain(cfg, run_dir, images, state, progress=not args.no_progress, knn=knn)
     _print_summary(summary)
     return EXIT_ON_SIGNAL.get(summary.stopped_by, 0)
 
@@ -164,10 +179,20 @@ def _print_summary(s) -> None:
     state = "done" if s.stopped_by == "done" else f"stopped by {s.stopped_by} (resume with --resume {s.run_dir})"
     print(f"iecl pretrain: {state}: {s.steps} steps ({s.epochs:.2f} epochs), {s.steps_this_session} this session in {s.seconds:.1f} s")
     print(f"  throughput  {s.img_per_s:.1f} images/s (each image gives two views; first steps excluded)")
+    if s.skipped_steps:
+        print(f"  skipped     {s.skipped_steps} step(s) with a non-finite loss (no update made)")
     if s.bad_images:
         print(f"  bad images  {s.bad_images} unreadable image(s) replaced (named above); list them: iecl validate DATA")
-    if f:
-        print(f"  final loss  {f['loss']:.4f} (nce {f['loss_nce']:.4f}, kl {f['loss_kl']:.4f}, entropy {f['entropy']:.3f})")
+    if s.losses:
+        parts = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in s.losses.items() if k != "loss")
+        print(f"  final loss  {s.losses['loss']:.4f}" + (f" ({parts})" if parts else ""))
+    if f and "effective_rank_query" in f:
+        bound = f", InfoNCE MI bound {f['mi_bound']:.3f} of {f['mi_ceiling']:.3f} nats" if "mi_bound" in f else ""
+        print(f"  embeddings  effective rank {f['effective_rank_query']:.1f} (query), "
+              f"Renyi-2 entropy {f['renyi2_query']:.3f}{bound}")
+    if s.knn:
+        top5 = f", top-5 {100 * s.knn['knn_top5']:.2f}%" if "knn_top5" in s.knn else ""
+        print(f"  kNN         top-1 {100 * s.knn['knn_top1']:.2f}%{top5}")
     print(f"  run dir     {s.run_dir}: config.yaml run.json metrics.jsonl tb/ last.pt")
 
 

@@ -44,7 +44,7 @@ class DataConfig:
     synthetic_classes: int = 8
     synthetic_cache: str = "~/.cache/iecl"
     image_size: int = 64  # side of both square views
-    recipe: Literal["mocov2", "simclr", "byol"] = "mocov2"
+    recipe: Literal["mocov2", "simclr", "byol"] | None = None  # None -> the method's own (METHOD_DEFAULTS)
     crop_scale: tuple[float, float] | None = None  # None -> the recipe's own
     workers: int = 2
     decode: Literal["shared", "window"] = "shared"  # dali: one full decode per image, or a windowed decode per view
@@ -54,16 +54,33 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: Literal["resnet18", "resnet50"] = "resnet18"
-    spectral_norm: bool = True
+    spectral_norm: bool | None = None  # None -> the method's own: true for iecl (entropy preservation), else false
     projector_hidden: int = 512
     projector_out: int = 128
+    predictor_hidden: int | None = None  # byol, simsiam: predictor MLP width; None -> the method's own
+
+
+METHODS = ("iecl", "mocov2", "simclr", "byol", "simsiam")
+
+#: What `None` means for each method (each from its own paper); `validate` fills them in.
+METHOD_DEFAULTS: dict[str, dict[str, dict]] = {
+    "iecl": {"method": {"momentum": 0.9, "tau": 0.2}, "model": {"spectral_norm": True}, "data": {"recipe": "mocov2"}},
+    "mocov2": {"method": {"momentum": 0.999, "tau": 0.2}, "model": {"spectral_norm": False},
+               "data": {"recipe": "mocov2"}},
+    "simclr": {"method": {"tau": 0.1}, "model": {"spectral_norm": False}, "data": {"recipe": "simclr"}},
+    "byol": {"method": {"momentum": 0.99}, "model": {"predictor_hidden": 4096, "spectral_norm": False},
+             "data": {"recipe": "byol"}},
+    "simsiam": {"model": {"predictor_hidden": 512, "spectral_norm": False}, "data": {"recipe": "mocov2"}},
+}
 
 
 @dataclass
 class MethodConfig:
-    name: Literal["iecl"] = "iecl"
-    momentum: float = 0.9  # target encoder EMA (paper: 0.9; MoCo uses 0.99-0.999)
-    tau: float = 0.2
+    name: Literal["iecl", "mocov2", "simclr", "byol", "simsiam"] = "iecl"
+    momentum: float | None = None  # EMA of the target encoder; byol: its start (cosine schedule to 1)
+    tau: float | None = None  # temperature of the contrastive loss
+    queue_size: int = 65536  # mocov2: negatives kept from earlier batches
+    symmetric: bool = False  # mocov2: both directions (each key enqueued once); its paper uses one
     lambda_entropy: float = 0.2  # lambda
     beta_kl: float = 0.09  # beta
     entropy: Literal["coding_rate", "renyi2"] = "coding_rate"
@@ -87,14 +104,25 @@ class KernelsConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "lars"] = "adamw"
+    name: Literal["adamw", "lars", "sgd"] = "adamw"
     lr: float = 4e-3  # per 256 images when lr_scaling is linear
     lr_scaling: Literal["linear", "none"] = "linear"
     weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)  # LARS uses betas[0] as its momentum
+    betas: tuple[float, float] = (0.9, 0.999)  # LARS and SGD use betas[0] as their momentum
     warmup_epochs: float = 0.5
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     impl: Literal["auto", "torch", "apex"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    diagnostics: bool = True  # effective rank, Renyi-2 entropy, InfoNCE MI bound of each logged step
+    knn_every: int = 0  # epochs between kNN monitor evaluations (0: off); also run at the end when on
+    knn_data: str = ""  # labelled data: a folder with train/ and val/, or one split by val_fraction; "" -> data.root
+    knn_k: int = 200
+    knn_tau: float = 0.1
+    knn_max_images: int = 20000  # cap on the monitor's train-set images (a fixed random subset); 0: all
+    val_fraction: float = 0.1  # held out for validation when the data has no train/ and val/ folders
 
 
 @dataclass
@@ -108,6 +136,8 @@ class TrainConfig:
     channels_last: bool = True
     log_every: int = 4  # steps
     checkpoint_every: int = 100  # steps between last.pt writes; also written at the end and on a stop
+    keep_checkpoints: int = 0  # periodic snapshots step-<N>.pt kept besides last.pt (0: none)
+    max_nonfinite: int = 10  # consecutive steps with a non-finite loss skipped before the run stops
 
 
 @dataclass
@@ -120,6 +150,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -259,13 +290,29 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def resolve_method_defaults(cfg: Config) -> Config:
+    """Fill every `None` that means "the method's own value" (METHOD_DEFAULTS)."""
+    for section, values in METHOD_DEFAULTS[cfg.method.name].items():
+        target = getattr(cfg, section)
+        for key, value in values.items():
+            if getattr(target, key) is None:
+                setattr(target, key, value)
+    if cfg.data.recipe is None:
+        cfg.data.recipe = "mocov2"
+    return cfg
+
+
 def validate(cfg: Config) -> Config:
-    """Refuse settings that cannot run, before anything is written."""
+    """Fill in the method's defaults, then refuse settings that cannot run,
+    before anything is written."""
+    resolve_method_defaults(cfg)
     d, t, o, m, s = cfg.data, cfg.train, cfg.optim, cfg.method, cfg.saib
     _require(t.batch_size >= 2, f"train.batch_size must be at least 2 (in-batch negatives), got {t.batch_size}")
     _require(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     _require(t.max_steps >= 0, f"train.max_steps must be 0 (no limit) or positive, got {t.max_steps}")
     _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    _require(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be 0 or more, got {t.keep_checkpoints}")
+    _require(t.max_nonfinite >= 0, f"train.max_nonfinite must be 0 or more, got {t.max_nonfinite}")
     _require(t.checkpoint_every >= 0, f"train.checkpoint_every must be 0 (only at the end) or positive, got {t.checkpoint_every}")
     _require(d.image_size >= 32, f"data.image_size must be at least 32, got {d.image_size}")
     _require(d.workers >= 0, f"data.workers must be 0 or more, got {d.workers}")
@@ -300,8 +347,19 @@ def validate(cfg: Config) -> Config:
     _require(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {list(o.betas)}")
     _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be 0 or more, got {o.warmup_epochs}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
-    _require(0 <= m.momentum < 1, f"method.momentum must lie in [0, 1), got {m.momentum}")
-    _require(m.tau > 0, f"method.tau must be positive, got {m.tau}")
+    if m.momentum is not None:
+        _require(0 <= m.momentum < 1, f"method.momentum must lie in [0, 1), got {m.momentum}")
+    if m.tau is not None:
+        _require(m.tau > 0, f"method.tau must be positive, got {m.tau}")
+    _require(m.queue_size >= 1, f"method.queue_size must be positive, got {m.queue_size}")
+    if cfg.model.predictor_hidden is not None:
+        _require(cfg.model.predictor_hidden >= 1, "model.predictor_hidden must be positive")
+    e = cfg.eval
+    _require(e.knn_every >= 0, f"eval.knn_every must be 0 (off) or positive, got {e.knn_every}")
+    _require(e.knn_k >= 1, f"eval.knn_k must be positive, got {e.knn_k}")
+    _require(e.knn_tau > 0, f"eval.knn_tau must be positive, got {e.knn_tau}")
+    _require(e.knn_max_images >= 0, f"eval.knn_max_images must be 0 (all) or positive, got {e.knn_max_images}")
+    _require(0 < e.val_fraction < 1, f"eval.val_fraction must lie in (0, 1), got {e.val_fraction}")
     _require(m.coding_rate_eps > 0, f"method.coding_rate_eps must be positive, got {m.coding_rate_eps}")
     for key in ("projector_hidden", "projector_out"):
         _require(getattr(cfg.model, key) >= 1, f"model.{key} must be positive")

@@ -9,15 +9,24 @@ train and test sets.
 
 `extract_features` takes any iterable of `(images, labels)` batches; the caller
 builds it (plain test-time transforms, no augmentation, no dropped batches).
+`knn_evaluate` does the whole evaluation from two labelled image lists (the
+centre-crop `EvalLoader` of pipeline/eval_views.py): what the training loop's
+monitor and `iecl knn` call.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.eval_views import EvalLoader
+from pipeline.folder import ImageList
+from train.eval_data import subset
 
 
 @torch.no_grad()
@@ -26,8 +35,11 @@ def extract_features(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device | str,
     autocast_dtype: torch.dtype | None = None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of every batch: `(N, F)` float32 L2-normalised rows, labels `(N,)` int64.
+
+    `normalize=False` keeps the raw features (what a linear probe trains on).
 
     The backbone runs in eval mode (BatchNorm uses its running statistics; the
     spectral-norm power iteration does not step) and is put back in the mode it
@@ -44,7 +56,8 @@ def extract_features(
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = backbone(images)
-            features.append(F.normalize(out.float().flatten(1), dim=1))
+            out = out.float().flatten(1)
+            features.append(F.normalize(out, dim=1) if normalize else out)
             labels.append(torch.as_tensor(batch_labels).to(device, torch.long, non_blocking=True))
     finally:
         backbone.train(was_training)
@@ -114,3 +127,84 @@ def knn_accuracy(
     if num_classes >= 5:
         result["top5"] = hits.any(dim=1).float().mean().item()
     return result
+
+
+def knn_evaluate(
+    backbone: nn.Module,
+    train_images: ImageList,
+    val_images: ImageList,
+    *,
+    num_classes: int,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device | str,
+    k: int = 200,
+    tau: float = 0.1,
+    autocast_dtype: torch.dtype | None = None,
+    max_train_images: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """kNN accuracy of `backbone` on centre-cropped images: train images vote, val images are classified.
+
+    `max_train_images` > 0 uses a random subset of that many train images,
+    the same one for a given `seed` every time (the training loop's monitor
+    bounds its cost this way, and its numbers stay comparable across epochs).
+    The backbone is left in the train/eval mode it was in.
+
+    Returns top1 (and top5 when num_classes >= 5) as fractions, k, tau, the
+    images used (train_images, val_images: unreadable ones are skipped),
+    train_images_total, bad_files ("name (reason)") and seconds.
+    """
+    start = time.perf_counter()
+    total_train = len(train_images)
+    train_images = _train_subset(train_images, max_train_images, seed)
+    common = {"image_size": image_size, "batch_size": batch_size, "workers": workers, "device": device,
+              "autocast_dtype": autocast_dtype, "progress": progress}
+    train_features, train_labels, bad = image_features(backbone, train_images, desc="kNN train features", **common)
+    val_features, val_labels, bad_val = image_features(backbone, val_images, desc="kNN val features", **common)
+    result = knn_accuracy(train_features, train_labels, val_features, val_labels, num_classes, k, tau)
+    return {
+        **result,
+        "k": k,
+        "tau": tau,
+        "train_images": len(train_labels),
+        "val_images": len(val_labels),
+        "train_images_total": total_train,
+        "bad_files": bad + bad_val,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _train_subset(images: ImageList, max_images: int, seed: int) -> ImageList:
+    """A seeded random subset of `max_images` images (kept in index order: sequential reads)."""
+    if max_images <= 0 or max_images >= len(images):
+        return images
+    chosen = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
+    return subset(images, chosen)
+
+
+def image_features(
+    backbone: nn.Module,
+    images: ImageList,
+    *,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device | str,
+    autocast_dtype: torch.dtype | None = None,
+    normalize: bool = True,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`extract_features` of the centre crops of `images` -> (features, labels, unreadable images skipped)."""
+    from tqdm import tqdm
+
+    loader = EvalLoader(images, batch_size=batch_size, image_size=image_size, workers=workers, device=device)
+    try:
+        batches = tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
+        features, labels = extract_features(backbone, batches, device, autocast_dtype, normalize=normalize)
+    finally:
+        loader.close()
+    return features, labels, loader.bad_files

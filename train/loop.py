@@ -27,16 +27,19 @@ import torch
 from tqdm import tqdm
 
 from kernels.view_prep import ViewPrep
-from model.methods import Method, build_method
+from model.methods import Method
 from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, build_loader
 from pipeline.sampler import EpochBatchSampler
 from train import checkpoint as ckpt
 from train.config import Config
+from train.eval_data import LabelledSplits
+from train.factory import method_from_config
+from train.faults import NonFiniteGuard, NonFiniteLoss
 from train.metrics import MetricsLog
+from train.monitor import KnnMonitor, knn_splits, step_diagnostics
 from train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LOSS_KEYS = ("loss", "loss_nce", "loss_kl", "entropy")
 
 
 @dataclass
@@ -57,12 +60,15 @@ class Summary:
     final: dict  # last logged row
     stopped_by: str  # "done", "SIGINT" or "SIGTERM"
     bad_images: int = 0  # unreadable images met and replaced this session
+    skipped_steps: int = 0  # steps skipped for a non-finite loss this session
+    losses: dict | None = None  # the method's losses in the last logged row
+    knn: dict | None = None  # the last kNN monitor result
 
 
 def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
     """The method, loader, optimizer and scaler for `cfg` (before any resume)."""
     torch.manual_seed(cfg.run.seed)
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     loader = build_loader(
         d.backend,
         images,
@@ -75,25 +81,7 @@ def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
         device=device,
         decode=d.decode,
     )
-    method = build_method(
-        cfg.method.name,
-        backbone=m.backbone,
-        spectral_norm=m.spectral_norm,
-        projector_hidden=m.projector_hidden,
-        projector_out=m.projector_out,
-        batch_size=cfg.train.batch_size,
-        image_size=d.image_size,
-        saib=cfg.saib.enabled,
-        patch_size=cfg.saib.patch_size,
-        saib_weight_decay=cfg.saib.weight_decay,
-        saib_impl=cfg.kernels.saib_impl,
-        tau=cfg.method.tau,
-        momentum=cfg.method.momentum,
-        lambda_entropy=cfg.method.lambda_entropy,
-        beta_kl=cfg.method.beta_kl,
-        entropy=cfg.method.entropy,
-        coding_rate_eps=cfg.method.coding_rate_eps,
-    ).to(device)
+    method = method_from_config(cfg).to(device)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     base_lr = scaled_lr(cfg.optim, cfg.train.batch_size)
@@ -145,9 +133,13 @@ def pretrain(
     images: ImageList | BetonFile,
     state: dict | None = None,
     progress: bool = True,
+    knn: LabelledSplits | None = None,
 ) -> Summary:
-    """Train `cfg` into `run_dir`, continuing from checkpoint `state` if given."""
+    """Train `cfg` into `run_dir`, continuing from checkpoint `state` if given.
+    `knn`: the kNN monitor's data (`train.monitor.knn_splits`), found here if not given."""
     device = torch.device(cfg.train.device)
+    if knn is None:
+        knn = knn_splits(cfg, images)
     method, loader, optimizer, scaler, base_lr = build(cfg, images, device)
     pos = Position()
     if state is not None:
@@ -163,6 +155,7 @@ def pretrain(
     std = torch.tensor(STD_255, device=device)
     prepare = ViewPrep(cfg.kernels.view_prep, mean, std, dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    monitor = KnnMonitor(cfg, knn, device, dtype if dtype != torch.float32 else None)
 
     metrics = MetricsLog(run_dir, resume_step=pos.step if state is not None else None)
     bar = tqdm(total=total, initial=pos.step, unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5)
@@ -170,12 +163,15 @@ def pretrain(
     throughput = _Throughput(pos.step, cfg.train.batch_size, device)
     stop = StopRequest()
     bad = _BadImages(loader, cfg.data.max_bad_images)
+    faults = NonFiniteGuard(cfg.train.max_nonfinite)
     last_saved = pos.step if state is not None else -1
     row: dict = {}
 
-    def save() -> None:
+    def save(periodic: bool = False) -> None:
         nonlocal last_saved
         ckpt.save_atomic(_state(cfg, images, pos, method, optimizer, scaler), run_dir / "last.pt")
+        if periodic and cfg.train.keep_checkpoints:
+            ckpt.snapshot(run_dir / "last.pt", pos.step, cfg.train.keep_checkpoints)
         last_saved = pos.step
 
     method.train()
@@ -186,36 +182,43 @@ def pretrain(
                 for batch in loader:
                     bad.check()  # before training on a batch with replaced images
                     lr = base_lr * warmup_cosine(pos.step, total, warmup, cfg.optim.min_lr_ratio)
-                    set_lr(optimizer, lr)
+                    set_lr(optimizer, lr, base_lr)
                     with autocast:
                         losses = method.step_on_views(batch.anchor, batch.query, prepare)
                     optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(losses["loss"]).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    method.momentum_update(pos.step / total)
+                    if faults.finite(losses["loss"], pos.step):
+                        scaler.scale(losses["loss"]).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        method.momentum_update(pos.step / total)
+                        window.add(losses)
                     pos.step += 1
                     pos.batch_in_epoch += 1
                     if pos.batch_in_epoch == steps_per_epoch:  # the epoch's last batch
                         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-                    window.add(losses)
                     bar.update()
                     throughput.step_done(pos.step)
-                    if pos.step % cfg.train.log_every == 0 or pos.step == total:
+                    # A window of only skipped steps has no losses to log.
+                    if (pos.step % cfg.train.log_every == 0 or pos.step == total) and window.steps:
                         row = window.flush(pos, steps_per_epoch, lr)
                         row["bad_images"] = bad.seen
+                        row["skipped_steps"] = faults.total
+                        if cfg.eval.diagnostics and faults.streak == 0:  # embeddings of a finite step
+                            row.update(step_diagnostics(method, losses, cfg.train.batch_size))
                         metrics.log(row)
                         bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", lr=f"{lr:.2e}")
                     if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
-                        save()
+                        save(periodic=True)
+                    if monitor.due(pos.epoch, pos.batch_in_epoch, pos.step, total):
+                        _log_knn(monitor, method, metrics, pos, steps_per_epoch)
                     if pos.step >= total or stop.signal is not None:
                         break
         if last_saved != pos.step:
             save()
-    except DataError as err:
+    except (DataError, NonFiniteLoss) as err:
         if pos.step > last_saved:
-            save()
-        raise DataError(
+            save()  # skipped steps changed no weights: these are the weights from before the fault
+        raise type(err)(
             f"{err}. Progress up to step {pos.step} is in {run_dir / 'last.pt'}; "
             f"continue with: iecl pretrain --resume {run_dir}"
         ) from None
@@ -233,7 +236,19 @@ def pretrain(
         final=row,
         stopped_by=stop.signal or "done",
         bad_images=bad.seen,
+        skipped_steps=faults.total,
+        losses=window.last_losses,
+        knn=monitor.last,
     )
+
+
+def _log_knn(monitor: KnnMonitor, method: Method, metrics: MetricsLog, pos: Position, steps_per_epoch: int) -> None:
+    result = monitor.run(method)  # the backbone goes back to training mode afterwards
+    metrics.log({"step": pos.step, "epoch": round(pos.epoch + pos.batch_in_epoch / steps_per_epoch, 4),
+                 **result, "time": time.time()})
+    tqdm.write(f"iecl pretrain: step {pos.step}: kNN top-1 {100 * result['knn_top1']:.2f}%"
+               + (f", top-5 {100 * result['knn_top5']:.2f}%" if "knn_top5" in result else "")
+               + f" ({result['knn_seconds']:.1f} s)")
 
 
 class _BadImages:
@@ -267,16 +282,18 @@ class _Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.start = time.perf_counter()
+        self.last_losses: dict[str, float] | None = None
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
-        for key in LOSS_KEYS:
-            value = losses[key].detach().float()
+        for key, value in losses.items():
+            value = value.detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.steps += 1
 
     def flush(self, pos: Position, steps_per_epoch: int, lr: float) -> dict:
         means = torch.stack(list(self.sums.values())).div_(self.steps).tolist()  # the one synchronisation
         values = dict(zip(self.sums, means))
+        self.last_losses = values
         now = time.perf_counter()
         row = {
             "step": pos.step,

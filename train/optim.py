@@ -56,10 +56,13 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (PyTorch's fused kernel on a GPU, the multi-tensor one on a CPU) or
     LARS; NVIDIA apex's fused versions only when asked for (optim.impl=apex)."""
-    if cfg.name == "lars":
+    if cfg.name in ("lars", "sgd"):
         if cfg.impl == "apex":
-            raise ConfigError("optim.impl=apex is for AdamW (apex FusedAdam); use optim.impl=torch with LARS")
-        return LARS(groups, lr=lr, momentum=cfg.betas[0])
+            raise ConfigError(f"optim.impl=apex is for AdamW (apex FusedAdam); use optim.impl=torch with {cfg.name}")
+        if cfg.name == "lars":
+            return LARS(groups, lr=lr, momentum=cfg.betas[0])
+        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.betas[0], **fused)
     if cfg.impl == "apex":
         try:
             from apex.optimizers import FusedAdam
@@ -84,6 +87,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float | None = None) -> None:
+    """`lr` for every group; groups marked `fixed_lr` (SimSiam's predictor) keep `base_lr`."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = base_lr if group.get("fixed_lr") and base_lr is not None else lr

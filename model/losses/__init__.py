@@ -2,6 +2,7 @@
 names the equation it implements. All of them compute in float32, autocast or
 not (`precision.float32_forward`)."""
 
+from model.losses.cosine import NegativeCosineSimilarity, NormalizedMSE
 from model.losses.entropy import (
     ENTROPY_ESTIMATORS,
     CodingRateEntropy,
@@ -10,12 +11,18 @@ from model.losses.entropy import (
 )
 from model.losses.infonce import InfoNCE
 from model.losses.kl import GaussianKL
+from model.losses.ntxent import NTXent
+from model.losses.queue_infonce import QueueInfoNCE
 
 __all__ = [
     "ENTROPY_ESTIMATORS",
     "CodingRateEntropy",
     "GaussianKL",
     "InfoNCE",
+    "NTXent",
+    "NegativeCosineSimilarity",
+    "NormalizedMSE",
+    "QueueInfoNCE",
     "Renyi2Entropy",
     "build_entropy",
 ]

@@ -23,13 +23,13 @@ from torch.nn.utils import parametrize
 from model.encoder import Encoder, ema_update, momentum_copy
 from model.heads import MLPBNProjector
 from model.losses import GaussianKL, InfoNCE, build_entropy
-from model.methods.base import Method, decay_groups
+from model.methods.base import Method
 from model.resnet import build_backbone
-from model.saib import SAIB
 
 
 class IECL(Method):
     name = "iecl"
+    nce_directions = 2
 
     def __init__(
         self,
@@ -55,26 +55,14 @@ class IECL(Method):
         trunk = build_backbone(backbone, spectral_norm)
         self.online = Encoder(trunk, MLPBNProjector(trunk.feature_dim, projector_hidden, projector_out))
         self.target = momentum_copy(self.online)
-        self.saib = SAIB(batch_size, (image_size, image_size), patch_size, impl=saib_impl) if saib else None
-        self.saib_weight_decay = saib_weight_decay
+        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
         self.momentum = momentum
         self.lambda_entropy, self.beta_kl = lambda_entropy, beta_kl
         self.infonce = InfoNCE(tau)
         self.kl = GaussianKL()
         self.entropy = build_entropy(entropy, coding_rate_eps)
 
-    def training_step(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._losses(anchor, self.saib(query) if self.saib is not None else query)
-
-    def step_on_views(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor, prepare) -> dict[str, torch.Tensor]:
-        """With SAIB, the query's normalisation is SAIB's first load (fused with
-        kernels.saib_impl=triton), so the normalised query is never written."""
-        if self.saib is None:
-            return super().step_on_views(anchor_u8, query_u8, prepare)
-        query = self.saib.forward_uint8(query_u8, prepare.mean, prepare.std, prepare.dtype)
-        return self._losses(prepare(anchor_u8), query)
-
-    def _losses(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
         # Separate forwards: each view keeps its own BatchNorm statistics. Within
         # `cached()`, each spectral-normalised weight (one power iteration, one
         # division) is computed once per step, not once per forward, so both views
@@ -87,15 +75,14 @@ class IECL(Method):
         loss_kl = self.kl(q_query, q_anchor)
         entropy = self.entropy(q_query)
         loss = loss_nce + self.beta_kl * loss_kl - self.lambda_entropy * entropy
+        self.embeddings = (q_anchor.detach(), q_query.detach())
         return {"loss": loss, "loss_nce": loss_nce, "loss_kl": loss_kl, "entropy": entropy}
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        groups = decay_groups(self.online, weight_decay)
-        if self.saib is not None:
-            groups.append(
-                {"params": list(self.saib.parameters()), "weight_decay": self.saib_weight_decay, "group": "saib"}
-            )
-        return groups
+    def nce_candidates(self, batch_size: int) -> int:
+        return batch_size  # each query against the B keys of the batch
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.online]
 
     def momentum_update(self, progress: float) -> None:
         ema_update(self.target, self.online, self.momentum)

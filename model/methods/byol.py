@@ -1,0 +1,85 @@
+"""BYOL (Grill et al. 2020, "Bootstrap Your Own Latent").
+
+    z, z'   = g_theta(f_theta(v)), g_theta(f_theta(v'))   online projections
+    p, p'   = q_theta(z), q_theta(z')                     online predictions
+    t, t'   = g_xi(f_xi(v)), g_xi(f_xi(v'))               target, no gradient
+    loss = L + L~ = NMSE(p, sg(t')) + NMSE(p', sg(t))     Eq. 2 and its mirror
+    xi <- m xi + (1 - m) theta,  m = 1 - (1 - m_base) (cos(pi k / K) + 1) / 2
+
+with NMSE(p, t) = 2 - 2 cos(p, t) averaged over the batch. v is the anchor
+(augmentation T) and v' the query (T'; the `byol` recipe's second view has blur
+0.1 and solarisation 0.2).
+
+SAIB (when enabled) transforms the query v' before any branch: in the first
+term L it is the *target* input (no gradient there); the mirrored term L~ sends
+it through the online branch, which is where SAIB's gradient comes from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from model.encoder import Encoder, ema_update, momentum_copy
+from model.heads import BYOLMLP
+from model.losses import NormalizedMSE
+from model.methods.base import Method
+from model.resnet import build_backbone
+
+
+def byol_momentum(base: float, progress: float) -> float:
+    """BYOL's target decay rate at training fraction `progress`: `base` at 0, 1 at the end."""
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class BYOL(Method):
+    name = "byol"
+    nce_directions = 0
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "resnet50",
+        spectral_norm: bool = False,
+        projector_hidden: int = 4096,
+        projector_out: int = 256,
+        batch_size: int = 256,
+        image_size: int = 224,
+        saib: bool = False,
+        patch_size: int = 16,
+        saib_weight_decay: float = 1e-4,
+        saib_impl: str = "reference",
+        momentum: float = 0.99,
+        predictor_hidden: int = 4096,
+    ) -> None:
+        super().__init__()
+        trunk = build_backbone(backbone, spectral_norm)
+        self.online = Encoder(trunk, BYOLMLP(trunk.feature_dim, projector_hidden, projector_out))
+        self.predictor = BYOLMLP(projector_out, predictor_hidden, projector_out)
+        self.target = momentum_copy(self.online)
+        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
+        self.base_momentum = momentum
+        self.criterion = NormalizedMSE()
+
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Separate forwards, each view with its own BatchNorm statistics (BYOL's code).
+        with parametrize.cached():
+            z_anchor, z_query = self.online(anchor), self.online(query)
+            with torch.no_grad():
+                t_anchor, t_query = self.target(anchor), self.target(query)
+        p_anchor, p_query = self.predictor(z_anchor), self.predictor(z_query)
+        loss = self.criterion(p_anchor, t_query) + self.criterion(p_query, t_anchor)
+        self.embeddings = (z_anchor.detach(), z_query.detach())
+        return {"loss": loss}
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.online, self.predictor]
+
+    def momentum_update(self, progress: float) -> None:
+        ema_update(self.target, self.online, byol_momentum(self.base_momentum, progress))
+
+    def backbone(self) -> nn.Module:
+        return self.online.backbone

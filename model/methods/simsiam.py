@@ -1,0 +1,83 @@
+"""SimSiam (Chen & He 2021, "Exploring Simple Siamese Representation Learning").
+
+    z1, z2 = f(x1), f(x2)                 backbone + 3-layer projector, shared
+    p1, p2 = h(z1), h(z2)                 bottleneck predictor
+    loss = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2     Eq. 3-4, D = -cosine (Eq. 1)
+
+No momentum encoder: the stop-gradient alone prevents collapse. The predictor
+keeps a fixed learning rate (the paper's Section 4.1 / its code's fix_pred_lr):
+its parameter groups carry `fixed_lr: True`.
+
+x1 is the anchor and x2 the query. SAIB (when enabled) transforms the query
+before the encoder: in the first term its z2 is the *target* (stop-gradient);
+the second term sends it through the predictor, which is where SAIB's gradient
+comes from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from model.encoder import Encoder
+from model.heads import MLPBNProjector, SimSiamPredictor
+from model.losses import NegativeCosineSimilarity
+from model.methods.base import Method, decay_groups
+from model.resnet import build_backbone
+
+
+class SimSiam(Method):
+    name = "simsiam"
+    nce_directions = 0
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "resnet50",
+        spectral_norm: bool = False,
+        projector_hidden: int = 2048,
+        projector_out: int = 2048,
+        batch_size: int = 256,
+        image_size: int = 224,
+        saib: bool = False,
+        patch_size: int = 16,
+        saib_weight_decay: float = 1e-4,
+        saib_impl: str = "reference",
+        predictor_hidden: int = 512,
+    ) -> None:
+        super().__init__()
+        trunk = build_backbone(backbone, spectral_norm)
+        # SimSiam's projector is exactly this layout (3 bias-free Linear-BN, no ReLU and
+        # no affine on the last BN); the reference code's last Linear has a frozen bias.
+        self.encoder = Encoder(trunk, MLPBNProjector(trunk.feature_dim, projector_hidden, projector_out))
+        self.predictor = SimSiamPredictor(projector_out, predictor_hidden)
+        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
+        self.criterion = NegativeCosineSimilarity()
+
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+        with parametrize.cached():
+            z_anchor, z_query = self.encoder(anchor), self.encoder(query)
+        p_anchor, p_query = self.predictor(z_anchor), self.predictor(z_query)
+        loss = self.criterion(p_anchor, z_query.detach()) / 2 + self.criterion(p_query, z_anchor.detach()) / 2
+        self.embeddings = (z_anchor.detach(), z_query.detach())
+        return {"loss": loss}
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.encoder, self.predictor]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The base class's groups (SAIB's included) with the predictor's taken out
+        into its own decay / no-decay groups at a fixed learning rate."""
+        predictor = [{**group, "fixed_lr": True}
+                     for group in decay_groups(self.predictor, weight_decay, prefix="predictor_") if group["params"]]
+        in_predictor = {id(p) for group in predictor for p in group["params"]}
+        groups = []
+        for group in super().param_groups(weight_decay):
+            params = [p for p in group["params"] if id(p) not in in_predictor]
+            if params:
+                groups.append({**group, "params": params})
+        return groups + predictor
+
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone

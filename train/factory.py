@@ -1,0 +1,79 @@
+"""From a configuration (or a checkpoint) to a method object.
+
+The one place that knows which config keys each method takes, so the training
+loop, the evaluation commands and the profilers build methods the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.methods import Method, build_method
+from train import checkpoint as ckpt
+from train.config import Config, apply, resolve_method_defaults
+
+#: method-specific constructor arguments: name -> {argument: (section, key)}
+_SPECIFIC = {
+    "iecl": {
+        "tau": ("method", "tau"),
+        "momentum": ("method", "momentum"),
+        "lambda_entropy": ("method", "lambda_entropy"),
+        "beta_kl": ("method", "beta_kl"),
+        "entropy": ("method", "entropy"),
+        "coding_rate_eps": ("method", "coding_rate_eps"),
+    },
+    "mocov2": {
+        "tau": ("method", "tau"),
+        "momentum": ("method", "momentum"),
+        "queue_size": ("method", "queue_size"),
+        "symmetric": ("method", "symmetric"),
+    },
+    "simclr": {"tau": ("method", "tau")},
+    "byol": {"momentum": ("method", "momentum"), "predictor_hidden": ("model", "predictor_hidden")},
+    "simsiam": {"predictor_hidden": ("model", "predictor_hidden")},
+}
+
+
+def method_kwargs(cfg: Config) -> dict:
+    """Constructor arguments of `cfg.method.name` (the method's defaults filled in)."""
+    resolve_method_defaults(cfg)
+    m = cfg.model
+    kwargs = {
+        "backbone": m.backbone,
+        "spectral_norm": m.spectral_norm,
+        "projector_hidden": m.projector_hidden,
+        "projector_out": m.projector_out,
+        "batch_size": cfg.train.batch_size,
+        "image_size": cfg.data.image_size,
+        "saib": cfg.saib.enabled,
+        "patch_size": cfg.saib.patch_size,
+        "saib_weight_decay": cfg.saib.weight_decay,
+        "saib_impl": cfg.kernels.saib_impl,
+    }
+    for arg, (section, key) in _SPECIFIC[cfg.method.name].items():
+        kwargs[arg] = getattr(getattr(cfg, section), key)
+    return kwargs
+
+
+def method_from_config(cfg: Config) -> Method:
+    return build_method(cfg.method.name, **method_kwargs(cfg))
+
+
+def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[Method, Config, dict]:
+    """A checkpoint (a file, or a run folder holding last.pt) -> (method with its
+    weights, on `device`, in eval mode; its config; the raw checkpoint dict).
+    SAIB is built with the reference implementation: evaluation never runs it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    state = ckpt.load(path)
+    cfg = apply(Config(), state["config"], str(path))
+    cfg.kernels.saib_impl = "reference"
+    method = method_from_config(cfg)
+    try:
+        method.load_state_dict(state["method"])
+    except RuntimeError as err:
+        raise ckpt.CheckpointError(f"{path}: the weights do not fit the model its config describes: {err}") from None
+    return method.to(device).eval(), cfg, state

@@ -1,0 +1,46 @@
+"""Numeric faults during training: a non-finite loss is skipped, counted, and
+past a limit ends the run (with its progress saved by the loop)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps with a NaN or infinite loss."""
+
+
+class NonFiniteGuard:
+    """A step whose loss is not finite is skipped: no backward, no optimizer or
+    momentum update (GradScaler's semantics for an overflowing fp16 step; the
+    step still counts, so the schedule moves on). BatchNorm running statistics
+    and MoCo's queue were updated by that step's forward and are not rolled
+    back. More than `limit` in a row stop the run (`NonFiniteLoss`).
+
+    The check reads one boolean from the device per step: a synchronisation
+    the GPU barely notices at these step times (it also happens in GradScaler).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.streak = 0
+
+    def finite(self, loss: torch.Tensor, step: int) -> bool:
+        if bool(torch.isfinite(loss.detach())):
+            self.streak = 0
+            return True
+        self.total += 1
+        self.streak += 1
+        if self.streak > self.limit:
+            raise NonFiniteLoss(
+                f"the loss was not finite for {self.streak} step(s) in a row (steps {step - self.streak + 2} to "
+                f"{step + 1}; train.max_nonfinite={self.limit}): lower optim.lr, use train.precision=bf16 or "
+                "fp32 rather than fp16, or look for broken inputs"
+            )
+        tqdm.write(f"iecl pretrain: warning: step {step + 1}: loss is {loss.item()}; step skipped "
+                   f"({self.total} so far)", sys.stderr)
+        return False
