@@ -164,6 +164,29 @@ def test_help(capsys, argv):
     assert exit_.value.code == 0 and "usage: iecl" in capsys.readouterr().out
 
 
+def test_sigterm_saves_and_exits_143(tmp_path, tiny_data):
+    """A scheduler's SIGTERM (preemption) to a real training process: a clean
+    exit with status 143 and a loadable checkpoint at a step boundary."""
+    out_dir = tmp_path / "runs"
+    args = [*TINY, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.epochs=3"]
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--no-progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out_dir.glob("*/metrics.jsonl"))
+        if found and found[0].read_text().strip():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in out and "Traceback" not in err
+    (run_dir,) = _run_dirs(out_dir)
+    state = ckpt.load(run_dir / "last.pt")
+    assert 1 <= state["step"] < 18
+    assert read_metrics(run_dir)[-1]["step"] <= state["step"]
+
+
 def test_sigint_saves_at_a_step_boundary_and_resume_matches(tmp_path, tiny_data):
     """A real Ctrl-C to a real training process, then `--resume`: the metrics of
     the interrupted-and-resumed run equal those of an uninterrupted one."""
