@@ -189,7 +189,9 @@ def _prepare(args) -> _Evaluation:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     if "{" not in args.data and not Path(args.data).expanduser().exists():  # braces: a tar shard pattern
         raise DataError(f"--data {args.data} does not exist")
-    device, autocast_dtype = _runtime(args.device)
+    from train.factory import eval_runtime
+
+    device, autocast_dtype = eval_runtime(args.device)
     path = Path(args.checkpoint)
     path = path / "last.pt" if path.is_dir() else path
     method, cfg, state = load_pretrained(path, device)
@@ -202,18 +204,6 @@ def _prepare(args) -> _Evaluation:
         device=device, autocast_dtype=autocast_dtype, seed=seed, data=args.data,
         val_fraction=args.val_fraction, json_path=args.json,
     )
-
-
-def _runtime(choice: str):
-    """--device -> (torch.device, autocast dtype or None): bf16 autocast on GPUs that have it."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if choice == "cuda" and not cuda:
-        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
-    device = torch.device("cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return device, dtype
 
 
 def _check_positive(args, *names: str) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from model.methods import Method, build_method
 from train import checkpoint as ckpt
-from train.config import Config, apply, resolve_method_defaults
+from train.config import Config, ConfigError, apply, resolve_method_defaults
 
 #: method-specific constructor arguments: name -> {argument: (section, key)}
 _SPECIFIC = {
@@ -59,6 +59,17 @@ def method_kwargs(cfg: Config) -> dict:
 
 def method_from_config(cfg: Config) -> Method:
     return build_method(cfg.method.name, **method_kwargs(cfg))
+
+
+def eval_runtime(choice: str) -> tuple[torch.device, torch.dtype | None]:
+    """An evaluation command's --device (auto|cpu|cuda) -> (device, autocast
+    dtype or None): bf16 autocast on GPUs that have it, fp32 elsewhere."""
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and not cuda:
+        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    device = torch.device("cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return device, dtype
 
 
 def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[Method, Config, dict]:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from kernels.view_prep import prepare_view_reference
 from model.diagnostics import infonce_mi_bound, infonce_mi_ceiling
+from model.losses.ntxent import nt_xent
 from pipeline import DataError, ImageList, open_images
 from pipeline.augment import (
     ViewRecipe,
@@ -192,27 +193,11 @@ class Critic(nn.Module):
         return F.normalize(self.head(x), dim=1)
 
 
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric NT-Xent (SimCLR) on K pairs of L2-normalised rows.
-
-    Each of the 2K views is scored against the other 2K - 1 (its positive and
-    2K - 2 negatives, the other pairs' members of both sides); the loss is the
-    mean cross-entropy over all 2K views. Hence log(2K - 1) - L is the
-    paper's MI lower bound and log(2K - 1) its ceiling (L >= 0).
-    """
-    k = z_a.shape[0]
-    z = torch.cat([z_a, z_b]).float()
-    logits = z @ z.T * scale
-    logits = logits.masked_fill(torch.eye(2 * k, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(k, 2 * k), torch.arange(k)]).to(z.device)
-    return F.cross_entropy(logits, targets)
-
-
 def _pair_loss(critic: Critic, flat: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     a, b = (r.to(flat.device) for r in rows)
     # One forward over both sides, so BatchNorm sees all 2K views as one batch.
     z = critic(torch.cat([flat[a], flat[b]]).float())
-    return nt_xent(z[: len(a)], z[len(a) :], critic.scale)
+    return nt_xent(z[: len(a)], z[len(a) :], critic.scale)  # the training loss's own NT-Xent
 
 
 def train_critic(
@@ -472,10 +457,10 @@ def add_commands(commands) -> None:
 
 
 def run_mi(args: argparse.Namespace) -> int:
-    from train.factory import load_pretrained
+    from train.factory import eval_runtime, load_pretrained
 
     _check_args(args)
-    device = _device(args.device)
+    device, autocast_dtype = eval_runtime(args.device)
     progress = not args.no_progress
     start = time.perf_counter()
     method, cfg, state = load_pretrained(args.checkpoint, device)
@@ -494,7 +479,7 @@ def run_mi(args: argparse.Namespace) -> int:
         "recipes": get_recipe(cfg.data.recipe, cfg.data.crop_scale), "image_size": image_size,
         "views": args.views_per_image, "seed": args.seed, "device": device, "progress": progress,
         "workers": args.workers if args.workers is not None else min(8, os.cpu_count() or 1),
-        "autocast_dtype": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None,
+        "autocast_dtype": autocast_dtype,
     }
     in_training = _in_training_ceiling(method, cfg.train.batch_size)
     backbone = method.backbone()
@@ -548,14 +533,6 @@ def _check_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
-    return torch.device(name)
 
 
 def mi_splits(root: str | Path, val_fraction: float, seed: int, need_labels: bool) -> tuple[ImageList, ImageList]:

@@ -11,7 +11,7 @@ from model.losses.entropy import (
 )
 from model.losses.infonce import InfoNCE
 from model.losses.kl import GaussianKL
-from model.losses.ntxent import NTXent
+from model.losses.ntxent import NTXent, nt_xent
 from model.losses.queue_infonce import QueueInfoNCE
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "QueueInfoNCE",
     "Renyi2Entropy",
     "build_entropy",
+    "nt_xent",
 ]

@@ -10,6 +10,20 @@ from model.distributed import gather_with_grad
 from model.losses.precision import float32_forward
 
 
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """NT-Xent of N pairs of L2-normalised rows `(N, d)`, logits = cosine * scale
+    (scale = 1 / tau): each of the 2N views against the other 2N - 1, mean
+    cross-entropy over all 2N. So log(2N - 1) - L is the InfoNCE bound on the
+    pairs' mutual information and log(2N - 1) its ceiling (`iecl mi` uses this
+    with a learned scale)."""
+    z = torch.cat([z_a, z_b]).float()
+    n = z_a.shape[0]
+    logits = z @ z.T * scale
+    logits.fill_diagonal_(float("-inf"))  # a view is not its own candidate
+    labels = torch.arange(2 * n, device=z.device).roll(n)  # i -> (i + n) mod 2n
+    return F.cross_entropy(logits, labels)
+
+
 class NTXent(nn.Module):
     """SimCLR Eq. 1, averaged over all 2N views of N pairs:
 
@@ -36,9 +50,6 @@ class NTXent(nn.Module):
 
     @float32_forward
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(torch.cat([gather_with_grad(z_a), gather_with_grad(z_b)]), dim=1)
-        n = z.shape[0] // 2
-        logits = z @ z.T / self.tau
-        logits.fill_diagonal_(float("-inf"))  # a view is not its own candidate
-        labels = torch.arange(2 * n, device=z.device).roll(n)  # i -> (i + n) mod 2n
-        return F.cross_entropy(logits, labels)
+        z_a = F.normalize(gather_with_grad(z_a), dim=1)
+        z_b = F.normalize(gather_with_grad(z_b), dim=1)
+        return nt_xent(z_a, z_b, 1.0 / self.tau)
