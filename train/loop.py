@@ -65,6 +65,17 @@ class Summary:
     knn: dict | None = None  # the last kNN monitor result
 
 
+def build_model(cfg: Config, device: torch.device):
+    """The method, optimizer and gradient scaler for `cfg` (before any resume)."""
+    method = method_from_config(cfg).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    base_lr = scaled_lr(cfg.optim, cfg.train.batch_size)
+    optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim, base_lr, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return method, optimizer, scaler, base_lr
+
+
 def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
     """The method, loader, optimizer and scaler for `cfg` (before any resume)."""
     torch.manual_seed(cfg.run.seed)
@@ -81,12 +92,7 @@ def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
         device=device,
         decode=d.decode,
     )
-    method = method_from_config(cfg).to(device)
-    if cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    base_lr = scaled_lr(cfg.optim, cfg.train.batch_size)
-    optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim, base_lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    method, optimizer, scaler, base_lr = build_model(cfg, device)
     return method, loader, optimizer, scaler, base_lr
 
 
