@@ -17,6 +17,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "tensorboard>=2.12",
+        "matplotlib>=3.5",  # iecl compare's bar chart
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.30"],
@@ -31,6 +32,10 @@ setup(
     entry_points={
         "console_scripts": ["iecl=train.cli:main"],
         # Subcommands that live outside train/ (profiling observes train, never the reverse).
-        "iecl.commands": ["bench=profiling.cli:register"],
+        "iecl.commands": [
+            "bench=profiling.cli:register",
+            "profile=profiling.cli:register_profile",
+            "compare=profiling.cli:register_compare",
+        ],
     },
 )

@@ -1,4 +1,5 @@
-"""The `iecl bench ...` commands, registered through the `iecl.commands` entry point."""
+"""The `iecl bench ...`, `iecl profile` and `iecl compare` commands, registered
+through the `iecl.commands` entry point."""
 
 from __future__ import annotations
 
@@ -76,6 +77,50 @@ def register(commands) -> None:
     p.set_defaults(run=_run_saib)
 
 
+PROFILE_HELP = """\
+Where one training step's time goes, stage by stage: data wait, view
+preparation, SAIB forward, online and target encoder forwards, heads and loss,
+the non-finite check, backward (SAIB's share separately), optimizer, momentum
+update. Each stage is measured in place (device events between the stages of
+--steps real steps, after --warmup) and alone (median of --isolate-iters);
+then images/s, the step's TFLOP/s and this machine's measured bf16 matmul rate.
+The step is built from the same config and overrides as `iecl pretrain`.
+
+  iecl profile --config imagenet_r50 data.root=/data/imagenet/train data.backend=dali
+  iecl profile --config imagenet_r50 --data-on-device train.compile=true --trace step.json.gz
+  iecl profile train.max_steps=10 --steps 5 --warmup 2     # the smoke config, on a CPU
+"""
+
+
+def _add_config_arguments(p) -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, as for iecl pretrain")
+    p.add_argument("--config", metavar="NAME|PATH", help="a shipped config or a YAML file (default: smoke)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first: cuDNN tuning, compilation (default 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while making the synthetic data")
+
+
+def register_profile(commands) -> None:
+    p = commands.add_parser(
+        "profile", help="step time breakdown: data, SAIB, encoders, backward, optimizer",
+        description=PROFILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(p)
+    p.add_argument("--isolate-iters", type=int, default=10, help="runs of each stage alone (default 10)")
+    p.add_argument("--data-on-device", action="store_true",
+                   help="no loader: random uint8 views already on the device (the model-only ceiling)")
+    p.add_argument("--trace", metavar="PATH", help="also write a torch.profiler Chrome/Perfetto trace (.json or .json.gz)")
+    p.add_argument("--trace-steps", type=int, default=3, help="steps in the trace (default 3)")
+    p.add_argument("--json", metavar="PATH", help="write the report as one JSON object")
+    p.set_defaults(run=_run_profile)
+
+
+def _run_profile(args) -> int:
+    from profiling.step_profile import run_args
+
+    return run_args(args)
+
+
 def _run_saib(args) -> int:
     from profiling.bench_saib import run_args
 
@@ -87,3 +132,43 @@ def _run_loader(args) -> int:
     from profiling.bench_loader import main
 
     return main(args)
+
+
+
+COMPARE_HELP = """\
+Time per ImageNet-1k epoch of every method (iecl, mocov2, simclr, byol,
+simsiam), with and without SAIB, at the same batch, backbone, image size and
+precision (each method keeps its own recipe otherwise): the step time with
+the data already on the device (the model-only ceiling) and with the real
+loader, projected to one epoch of 1,281,167 images (floor(images / batch)
+steps), their ratio (the loader's efficiency) and SAIB's added time per
+method. Writes compare.md, compare.json and compare.png (the paper's Figures
+7 and 8) into --out.
+
+  iecl compare --config imagenet_r50 data.root=/data/imagenet/train data.backend=dali --out results/r50
+  iecl compare --config imagenet_r18 --methods iecl simclr --saib both --no-loader
+  iecl compare train.batch_size=8 data.image_size=32 --steps 2 --warmup 1   # a CPU toy run
+"""
+
+
+def register_compare(commands) -> None:
+    from profiling.compare import IMAGENET_TRAIN_IMAGES, METHODS, SAIB_MODES
+
+    p = commands.add_parser(
+        "compare", help="epoch time of every method with and without SAIB (table, JSON, chart)",
+        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(p)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD", help=f"of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--saib", choices=tuple(SAIB_MODES), default="both", help="SAIB off, on or both (default both)")
+    p.add_argument("--no-loader", action="store_true", help="only the model-only timing (data on the device)")
+    p.add_argument("--epoch-images", type=int, default=IMAGENET_TRAIN_IMAGES,
+                   help=f"images in the projected epoch (default {IMAGENET_TRAIN_IMAGES:,}, ImageNet-1k train)")
+    p.add_argument("--out", metavar="DIR", help="where to write compare.{md,json,png} (default runs/compare-...)")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from profiling.compare import run_args
+
+    return run_args(args)

@@ -11,6 +11,12 @@ A run is resumable at every step boundary: the checkpoint holds the step, the
 position in the epoch, the method (online, target, SAIB), optimizer, scaler
 and RNG states; the loader recomputes the epoch's order from (seed, epoch) and
 skips the batches already done.
+
+Under torchrun (train/ddp.py) every rank runs this same loop on its own shard
+of each epoch (the same number of batches on every rank, so a position means
+the same everywhere), through DistributedDataParallel; the ranks agree once per
+step on what only one of them may know (a non-finite loss, a stop signal, a
+data error), and only rank 0 writes files or prints.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from tqdm import tqdm
 
 from kernels.view_prep import ViewPrep
 from model.methods import Method
-from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, build_loader
+from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, ViewBatch, build_loader
 from pipeline.sampler import EpochBatchSampler
 from train import checkpoint as ckpt
+from train import ddp
 from train.config import Config
 from train.eval_data import LabelledSplits
 from train.factory import method_from_config
@@ -38,6 +45,7 @@ from train.faults import NonFiniteGuard, NonFiniteLoss
 from train.metrics import MetricsLog
 from train.monitor import KnnMonitor, knn_splits, step_diagnostics
 from train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from train.run_dir import RunDirError, check_run_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -65,20 +73,32 @@ class Summary:
     knn: dict | None = None  # the last kNN monitor result
 
 
-def build_model(cfg: Config, device: torch.device):
-    """The method, optimizer and gradient scaler for `cfg` (before any resume)."""
+def build_model(cfg: Config, device: torch.device, *, world_size: int | None = None):
+    """The method, optimizer and gradient scaler for `cfg` (before any resume).
+    `world_size` (default: the process group's, 1 without one) makes the global
+    batch that scales the learning rate, and turns `train.sync_bn` on."""
+    if device.type == "cuda":
+        # Every step has the same shapes: let cuDNN time its convolution algorithms once.
+        torch.backends.cudnn.benchmark = True
+    world = ddp.world_size() if world_size is None else world_size
     method = method_from_config(cfg).to(device)
+    if cfg.train.sync_bn and world > 1:
+        ddp.convert_sync_batchnorm(method)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    base_lr = scaled_lr(cfg.optim, cfg.train.batch_size)
+    base_lr = scaled_lr(cfg.optim, cfg.train.batch_size * world)
     optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim, base_lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     return method, optimizer, scaler, base_lr
 
 
-def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
-    """The method, loader, optimizer and scaler for `cfg` (before any resume)."""
+def build(cfg: Config, images: ImageList | BetonFile, device: torch.device, *,
+          rank: int | None = None, world_size: int | None = None):
+    """The method, loader, optimizer and scaler for `cfg` (before any resume).
+    `rank`, `world_size` (default: the process group's): the loader's shard."""
     torch.manual_seed(cfg.run.seed)
+    rank = ddp.rank() if rank is None else rank
+    world = ddp.world_size() if world_size is None else world_size
     d = cfg.data
     loader = build_loader(
         d.backend,
@@ -90,9 +110,11 @@ def build(cfg: Config, images: ImageList | BetonFile, device: torch.device):
         seed=cfg.run.seed,
         workers=d.workers,
         device=device,
+        rank=rank,
+        world_size=world,
         decode=d.decode,
     )
-    method, optimizer, scaler, base_lr = build_model(cfg, device)
+    method, optimizer, scaler, base_lr = build_model(cfg, device, world_size=world)
     return method, loader, optimizer, scaler, base_lr
 
 
@@ -101,10 +123,11 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
-def planned_steps(cfg: Config, num_images: int) -> int:
-    """The run's length in steps; a `DataError` if the images cannot fill one batch.
-    Every loader backend yields the sampler's number of full batches per epoch."""
-    return total_steps(cfg, len(EpochBatchSampler(num_images, cfg.train.batch_size, cfg.run.seed)))
+def planned_steps(cfg: Config, num_images: int, world_size: int = 1) -> int:
+    """The run's length in steps; a `DataError` if the images cannot fill one
+    batch on every rank. Every loader backend yields the sampler's number of
+    full batches per epoch."""
+    return total_steps(cfg, len(EpochBatchSampler(num_images, cfg.train.batch_size, cfg.run.seed, 0, world_size)))
 
 
 class StopRequest:
@@ -140,21 +163,35 @@ def pretrain(
     state: dict | None = None,
     progress: bool = True,
     knn: LabelledSplits | None = None,
+    after_step=None,
 ) -> Summary:
     """Train `cfg` into `run_dir`, continuing from checkpoint `state` if given.
-    `knn`: the kNN monitor's data (`train.monitor.knn_splits`), found here if not given."""
-    device = torch.device(cfg.train.device)
+    `knn`: the kNN monitor's data (`train.monitor.knn_splits`), found here if not given.
+    `after_step(position, method, batch)`: called after every step, skipped or
+    not (for tests and tools that watch training).
+
+    Under a process group every rank calls this with the same arguments (and
+    the same `state`): each trains on its shard; rank 0 alone writes the
+    metrics and checkpoints into `run_dir` and shows the progress bar."""
+    device = ddp.training_device(cfg)
+    distributed, world, main = ddp.initialized(), ddp.world_size(), ddp.is_main()
     if knn is None:
         knn = knn_splits(cfg, images)
-    method, loader, optimizer, scaler, base_lr = build(cfg, images, device)
+    method, loader, optimizer, scaler, base_lr = build(cfg, images, device, rank=ddp.rank(), world_size=world)
     pos = Position()
     if state is not None:
-        pos = _restore(state, method, optimizer, scaler)
+        pos = _restore(state, method, optimizer, scaler, world)
+    size = ckpt.estimate_bytes(method, optimizer, cfg.optim.name)
+    for line in ddp.from_main(lambda: check_run_dir(run_dir, size, cfg.train.keep_checkpoints)):
+        if main:
+            ddp.warn(line)
     if cfg.train.compile:
         method.compile_encoders()
+    model = ddp.wrap(method, device)  # what the step calls; `method` for everything else
     steps_per_epoch = len(loader)
     total = total_steps(cfg, steps_per_epoch)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    global_batch = cfg.train.batch_size * world
 
     dtype = DTYPES[cfg.train.precision]
     mean = torch.tensor(MEAN_255, device=device)
@@ -163,61 +200,88 @@ def pretrain(
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     monitor = KnnMonitor(cfg, knn, device, dtype if dtype != torch.float32 else None)
 
-    metrics = MetricsLog(run_dir, resume_step=pos.step if state is not None else None)
-    bar = tqdm(total=total, initial=pos.step, unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5)
-    window = _Window(cfg.train.batch_size, device)
-    throughput = _Throughput(pos.step, cfg.train.batch_size, device)
+    metrics = MetricsLog(run_dir, resume_step=pos.step if state is not None else None) if main else _NoMetrics()
+    bar = tqdm(total=total, initial=pos.step, unit="step", disable=not (progress and main), dynamic_ncols=True,
+               mininterval=0.5)
+    window = _Window(global_batch, device)
+    throughput = _Throughput(pos.step, global_batch, device)
     stop = StopRequest()
     bad = _BadImages(loader, cfg.data.max_bad_images)
-    faults = NonFiniteGuard(cfg.train.max_nonfinite)
+    faults = NonFiniteGuard(cfg.train.max_nonfinite, report=main)
+    agree = ddp.StepAgreement(device) if distributed else None
+    agreed_stop: str | None = None  # under DDP, the only stop signal any rank acts on
+    bad_images = 0  # unreadable images replaced so far (over all ranks)
+    last_batch: ViewBatch | None = None
     last_saved = pos.step if state is not None else -1
     row: dict = {}
 
+    def stopping() -> str | None:
+        return agreed_stop if distributed else stop.signal
+
     def save(periodic: bool = False) -> None:
         nonlocal last_saved
-        ckpt.save_atomic(_state(cfg, images, pos, method, optimizer, scaler), run_dir / "last.pt")
-        if periodic and cfg.train.keep_checkpoints:
-            ckpt.snapshot(run_dir / "last.pt", pos.step, cfg.train.keep_checkpoints)
+        if main:
+            _save(cfg, images, pos, method, optimizer, scaler, run_dir, world, last_saved, periodic)
         last_saved = pos.step
 
     method.train()
     try:
         with stop.installed():
-            while pos.step < total and stop.signal is None:
+            while pos.step < total and stopping() is None:
                 loader.set_epoch(pos.epoch, pos.batch_in_epoch)
-                for batch in loader:
-                    bad.check()  # before training on a batch with replaced images
+                for batch, error in _batches(loader, catch=distributed):
+                    if distributed:
+                        bad.report()  # the limit is checked on the count over all ranks, below
+                        batch = batch or last_batch or _placeholder(cfg, device)  # a rank with no batch still steps
+                    else:
+                        bad.check()  # before training on a batch with replaced images
                     lr = base_lr * warmup_cosine(pos.step, total, warmup, cfg.optim.min_lr_ratio)
                     set_lr(optimizer, lr, base_lr)
                     with autocast:
-                        losses = method.step_on_views(batch.anchor, batch.query, prepare)
+                        losses = model(batch.anchor, batch.query, prepare)
                     optimizer.zero_grad(set_to_none=True)
-                    if faults.finite(losses["loss"], pos.step):
-                        scaler.scale(losses["loss"]).backward()
+                    if distributed:
+                        verdict = agree(losses["loss"], stop.signal, error is not None, len(loader.bad_files))
+                        agreed_stop, bad_images = verdict.stop, verdict.bad_images
+                        _raise_agreed_errors(verdict, error, cfg.data.max_bad_images, pos.step)
+                        finite = faults.record(verdict.nonfinite_ranks == 0, pos.step, lambda v=verdict: (
+                            f"the loss is not finite on {v.nonfinite_ranks} of {world} rank(s)"))
+                    else:
+                        finite = faults.finite(losses["loss"], pos.step)
+                        bad_images = bad.seen
+                    if finite:
+                        scaler.scale(losses["loss"]).backward()  # under DDP: averaged over the ranks
                         scaler.step(optimizer)
                         scaler.update()
                         method.momentum_update(pos.step / total)
                         window.add(losses)
+                    last_batch = batch
                     pos.step += 1
                     pos.batch_in_epoch += 1
                     if pos.batch_in_epoch == steps_per_epoch:  # the epoch's last batch
                         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
                     bar.update()
                     throughput.step_done(pos.step)
+                    if after_step is not None:
+                        after_step(pos, method, batch)
                     # A window of only skipped steps has no losses to log.
                     if (pos.step % cfg.train.log_every == 0 or pos.step == total) and window.steps:
-                        row = window.flush(pos, steps_per_epoch, lr)
-                        row["bad_images"] = bad.seen
+                        row = window.flush(pos, steps_per_epoch, lr)  # under DDP: means over the ranks
+                        row["bad_images"] = bad_images
                         row["skipped_steps"] = faults.total
-                        if cfg.eval.diagnostics and faults.streak == 0:  # embeddings of a finite step
-                            row.update(step_diagnostics(method, losses, cfg.train.batch_size))
-                        metrics.log(row)
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", lr=f"{lr:.2e}")
+                        if main:
+                            if cfg.eval.diagnostics and faults.streak == 0:  # embeddings of a finite step
+                                row.update(step_diagnostics(method, losses, cfg.train.batch_size))
+                            metrics.log(row)
+                            bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}",
+                                            lr=f"{lr:.2e}")
                     if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
                         save(periodic=True)
                     if monitor.due(pos.epoch, pos.batch_in_epoch, pos.step, total):
-                        _log_knn(monitor, method, metrics, pos, steps_per_epoch)
-                    if pos.step >= total or stop.signal is not None:
+                        if main:
+                            _log_knn(monitor, method, metrics, pos, steps_per_epoch)
+                        ddp.barrier()  # the other ranks wait while rank 0 evaluates
+                    if pos.step >= total or stopping() is not None:
                         break
         if last_saved != pos.step:
             save()
@@ -240,12 +304,81 @@ def pretrain(
         seconds=throughput.elapsed(),
         img_per_s=throughput.img_per_s(),
         final=row,
-        stopped_by=stop.signal or "done",
-        bad_images=bad.seen,
+        stopped_by=stopping() or "done",
+        bad_images=bad_images,
         skipped_steps=faults.total,
         losses=window.last_losses,
         knn=monitor.last,
     )
+
+
+def _batches(loader, catch: bool):
+    """The loader's batches as (batch, None). With `catch`, a `DataError` from
+    the loader ends the epoch as (None, error) instead of propagating: under DDP
+    the rank must still take part in the step's collectives and tell the others."""
+    it = iter(loader)
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as err:
+                if not catch:
+                    raise
+                yield None, err
+                return
+            yield batch, None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # a generator left early stops its workers now, not at garbage collection
+
+
+def _placeholder(cfg: Config, device: torch.device) -> ViewBatch:
+    """Views of the right shape for a rank whose loader failed before its first
+    batch: its forward only keeps the collectives in step, the update is skipped."""
+    views = torch.zeros(cfg.train.batch_size, cfg.data.image_size, cfg.data.image_size, 3, dtype=torch.uint8,
+                        device=device)
+    return ViewBatch(views, views.clone(), torch.zeros(cfg.train.batch_size, dtype=torch.int64, device=device))
+
+
+def _raise_agreed_errors(verdict: ddp.Verdict, error: DataError | None, limit: int, step: int) -> None:
+    """Every rank raises at the same step (before any update), so none is left
+    waiting in a collective: the rank that met the error raises its own, the
+    others say where to find it."""
+    if verdict.error_ranks:
+        raise error or DataError(
+            f"{verdict.error_ranks} other rank(s) met a data error at step {step + 1} (see their error lines)"
+        )
+    if verdict.bad_images > limit:
+        raise DataError(
+            f"{verdict.bad_images} unreadable image(s) so far over all ranks, more than data.max_bad_images={limit} "
+            "(each named above by the rank that met it); list them all with: iecl validate DATA_DIR"
+        )
+
+
+def _save(cfg: Config, images, pos: Position, method: Method, optimizer, scaler, run_dir: Path, world: int,
+          last_saved: int, periodic: bool) -> None:
+    path = run_dir / "last.pt"
+    try:
+        ckpt.save_atomic(_state(cfg, images, pos, method, optimizer, scaler, world), path)
+        if periodic and cfg.train.keep_checkpoints:
+            ckpt.snapshot(path, pos.step, cfg.train.keep_checkpoints)
+    except OSError as err:
+        kept = f"{path} still holds step {last_saved}" if last_saved >= 0 else "no checkpoint was written"
+        raise RunDirError(f"cannot write the checkpoint of step {pos.step} to {run_dir}: {err.strerror or err}; "
+                          f"{kept}: free space (or fix the folder) and continue with --resume {run_dir}") from None
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _log_knn(monitor: KnnMonitor, method: Method, metrics: MetricsLog, pos: Position, steps_per_epoch: int) -> None:
@@ -267,16 +400,20 @@ class _BadImages:
 
     def check(self) -> None:
         found = self.loader.bad_files
-        if len(found) == self.seen:
-            return
-        if len(found) > self.limit:
+        if len(found) > self.limit and len(found) != self.seen:
             raise DataError(
                 f"{len(found)} unreadable image(s) so far, more than data.max_bad_images={self.limit}; "
                 f"the latest: {found[-1]}; "
                 "list them all with: iecl validate DATA_DIR"
             )
+        self.report()
+
+    def report(self) -> None:
+        """Name the images replaced since the last call (this rank's: only it knows them)."""
+        found = self.loader.bad_files
         for name in found[self.seen :]:
-            tqdm.write(f"iecl pretrain: warning: unreadable image {name} replaced by the next readable one", sys.stderr)
+            tqdm.write(f"{ddp.log_prefix()}warning: unreadable image {name} replaced by the next readable one",
+                       sys.stderr)
         self.seen = len(found)
 
 
@@ -297,7 +434,7 @@ class _Window:
         self.steps += 1
 
     def flush(self, pos: Position, steps_per_epoch: int, lr: float) -> dict:
-        means = torch.stack(list(self.sums.values())).div_(self.steps).tolist()  # the one synchronisation
+        means = ddp.all_reduce_mean(torch.stack(list(self.sums.values())).div_(self.steps)).tolist()  # the one sync
         values = dict(zip(self.sums, means))
         self.last_losses = values
         now = time.perf_counter()
@@ -350,13 +487,15 @@ class _Throughput:
         return self.steps * self.batch_size / span if span > 0 and self.steps else 0.0
 
 
-def _state(cfg: Config, images: ImageList | BetonFile, pos: Position, method: Method, optimizer, scaler) -> dict:
+def _state(cfg: Config, images: ImageList | BetonFile, pos: Position, method: Method, optimizer, scaler,
+           world_size: int = 1) -> dict:
     return {
         "format": ckpt.FORMAT,
         "step": pos.step,
         "epoch": pos.epoch,
         "batch_in_epoch": pos.batch_in_epoch,
-        "method": method.state_dict(),
+        "world_size": world_size,  # the epoch position counts batches of this many ranks
+        "method": method.state_dict(),  # the unwrapped method: no DDP "module." prefixes
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": ckpt.rng_state(),
@@ -365,7 +504,14 @@ def _state(cfg: Config, images: ImageList | BetonFile, pos: Position, method: Me
     }
 
 
-def _restore(state: dict, method: Method, optimizer, scaler) -> Position:
+def _restore(state: dict, method: Method, optimizer, scaler, world_size: int = 1) -> Position:
+    made_by = state.get("world_size", 1)
+    if made_by != world_size:
+        raise ckpt.CheckpointError(
+            f"the checkpoint was made by {made_by} rank(s) and this run has {world_size}: its position in the "
+            f"epoch counts batches of {made_by} ranks and its learning rate their global batch; resume with "
+            f"{made_by} process(es) in all (torchrun --nnodes x --nproc_per_node)"
+        )
     try:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,273 @@
+"""`iecl profile`: where one training step's time goes.
+
+Two measurements of the same stages (profiling/harness.py STAGES):
+
+- **in place**: `--steps` real steps, marked between stages with CUDA events
+  (a CPU clock on a CPU) while the host runs ahead as in training. A stage's
+  time is the device timeline between its marks, so a device left idle (data
+  not there yet, the per-step non-finite check draining the queue) is charged
+  to the stage that ends the gap. The stages add up to the step; the step is
+  also measured by the wall clock (synchronised at both ends), and the report
+  shows the two side by side.
+- **isolated**: each stage run alone, synchronised before and after, median
+  of `--isolate-iters`: the loader alone (time per batch with no model
+  running), the view preparation, SAIB forward, each encoder's forward, the
+  backward (split at SAIB as in place), the optimizer, the momentum update;
+  and the whole step with the data already on the device (the model-only
+  ceiling). "Heads and loss" and the sync exist only in place.
+
+The step's FLOP are counted once by `torch.utils.flop_counter` (convolutions
+and matrix products, forward and backward; the optimizer's and other
+elementwise work is not counted) and divided by the step time, next to the
+bf16 matrix-multiply rate measured on this machine in the same run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+from profiling.bench_saib import matmul_tflops
+from profiling.harness import (
+    STAGES,
+    Harness,
+    backward_step,
+    batches,
+    build_harness,
+    compile_and_instrument,
+    describe,
+    device_name,
+    forward_step,
+    resident_views,
+    run_steps,
+    step_flop,
+    synchronize,
+    train_step,
+    update_step,
+    versions,
+)
+
+
+def profile(cfg, images, steps: int = 20, warmup: int = 5, isolate_iters: int = 10,
+            trace: str | None = None, trace_steps: int = 3, log=print) -> dict:
+    """The whole report as one JSON-serialisable dict. `images=None`: data
+    resident on the device (the data stage is then only the host's hand-over)."""
+    h = build_harness(cfg, images)
+    try:
+        return _profile(h, cfg, steps, warmup, isolate_iters, trace, trace_steps, log)
+    finally:
+        h.close()
+
+
+def _profile(h: Harness, cfg, steps, warmup, isolate_iters, trace, trace_steps, log) -> dict:
+    views = resident_views(cfg, h.device)
+    h.total_steps = max(warmup + steps + trace_steps + 1, 1000)  # the schedule stays near its start
+    flop = step_flop(h, *views[0])
+    compile_and_instrument(h)
+    source = batches(h, views)
+    log(f"iecl profile: {describe(cfg)}; warming up ({warmup} steps{', compiling' if cfg.train.compile else ''})")
+    warm_s, _ = run_steps(h, source, warmup)
+    log(f"iecl profile: timing {steps} steps in place")
+    wall, per_step = run_steps(h, source, steps, first_step=warmup, laps=True)
+    resident = itertools.cycle(views)
+    model_wall, _ = run_steps(h, resident, steps, first_step=warmup + steps)
+    log(f"iecl profile: timing each stage alone ({isolate_iters} times)")
+    isolated = isolate(h, views, source if h.loader is not None else None, isolate_iters)
+    peak = matmul_tflops(h.device, iters=10, warmup=3)
+    report = _report(cfg, h, per_step, wall / steps, model_wall / steps, isolated, flop, peak, warm_s)
+    report.update(steps=steps, warmup=warmup, isolate_iters=isolate_iters)
+    if trace:
+        report["trace"] = write_trace(h, source, trace, trace_steps, warmup + 2 * steps)
+    return report
+
+
+# ------------------------------------------------------------- isolation
+
+
+def _timed_alone(h: Harness, fn, iters: int, setup=None) -> dict[str, float]:
+    """Median seconds per stage (and "total") of `fn(setup())` run alone,
+    synchronised before each run."""
+    runs = []
+    for _ in range(iters):
+        state = setup() if setup is not None else None
+        synchronize(h.device)
+        h.laps.begin()
+        fn(state)
+        h.laps.lap("_rest")
+        h.laps.end_step()
+        stages = h.laps.finish()[0]
+        stages["total"] = sum(stages.values())
+        runs.append(stages)
+    keys = set().union(*runs)
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+
+
+def isolate(h: Harness, views, source, iters: int) -> dict[str, float]:
+    """Seconds (median) of each stage run alone; see the module docstring."""
+    m, (a_u8, q_u8) = h.method, views[0]
+    out: dict[str, float] = {}
+    if source is not None:
+        out["data"] = _timed_alone(h, lambda _: next(source), iters)["total"]
+    if m.saib is not None:
+        out["view_prep"] = _timed_alone(h, lambda _: h.prepare(a_u8), iters)["total"]
+        out["saib_fwd"] = _timed_alone(h, lambda _: m.saib.forward_uint8(q_u8, h.prepare.mean, h.prepare.std, h.prepare.dtype), iters)["total"]
+    else:
+        out["view_prep"] = _timed_alone(h, lambda _: (h.prepare(a_u8), h.prepare(q_u8)), iters)["total"]
+    anchor, query = h.prepare(a_u8), h.prepare(q_u8)
+    for name, stage in (("online", "online_fwd"), ("target", "target_fwd")):
+        encoder = getattr(m, name, None)
+        if encoder is not None:
+            grad = torch.enable_grad() if name == "online" else torch.no_grad()
+            out[stage] = _timed_alone(h, lambda _, e=encoder, g=grad: _two_forwards(h, e, g, anchor, query), iters)[stage]
+
+    def forward(_=None):
+        losses, reached = forward_step(h, a_u8, q_u8, step=0)
+        h.optimizer.zero_grad(set_to_none=True)
+        return losses, reached
+
+    backward = _timed_alone(h, lambda state: backward_step(h, *state), iters, setup=forward)
+    out["backward"] = backward.get("backward", 0.0)
+    if m.saib is not None:
+        out["saib_bwd"] = backward.get("saib_bwd", 0.0)
+    optimizer = _timed_alone(h, lambda _: update_step(h, step=0), iters, setup=lambda: _backward_only(h, forward))
+    out["optimizer"], out["momentum"] = optimizer["optimizer"], optimizer["momentum"]
+    return out
+
+
+def _two_forwards(h: Harness, encoder, grad_mode, anchor, query) -> None:
+    with h.autocast, grad_mode, parametrize.cached():
+        encoder(anchor)
+        encoder(query)
+
+
+def _backward_only(h: Harness, forward) -> None:
+    losses, _reached = forward()
+    h.scaler.scale(losses["loss"]).backward()
+
+
+# ------------------------------------------------------------- trace
+
+
+def write_trace(h: Harness, source, path: str, steps: int, first_step: int) -> dict:
+    """`steps` more steps under torch.profiler: a Chrome/Perfetto trace at
+    `path` (gzip-compressed when it ends in .gz) and the top operators."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if h.device.type == "cuda" else [])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with torch_profile(activities=activities) as prof:
+        for i in range(steps):
+            with record_function(f"iecl_step_{first_step + i}"):
+                anchor, query = next(source)
+                train_step(h, anchor, query, first_step + i)
+        synchronize(h.device)
+    prof.export_chrome_trace(path)
+    sort = "self_cuda_time_total" if h.device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=sort, row_limit=15)
+    except (AttributeError, KeyError):  # newer torch names the device column differently
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=15)
+    return {"path": path, "steps": steps, "top_ops": table}
+
+
+# ------------------------------------------------------------- report
+
+
+def _report(cfg, h: Harness, per_step, wall_step, model_step, isolated, flop, peak, warm_s) -> dict:
+    present = [s for s in STAGES if any(s in step for step in per_step)]
+    mean = {s: statistics.fmean(step.get(s, 0.0) for step in per_step) for s in present}
+    parts = sum(mean.values())
+    batch = cfg.train.batch_size
+    stages = {
+        s: {
+            "label": STAGES[s],
+            "in_place_ms": 1e3 * mean[s],
+            "in_place_median_ms": 1e3 * statistics.median(step.get(s, 0.0) for step in per_step),
+            "share": mean[s] / parts if parts else 0.0,
+            "isolated_ms": 1e3 * isolated[s] if s in isolated else None,
+        }
+        for s in present
+    }
+    saib = mean.get("saib_fwd", 0.0) + mean.get("saib_bwd", 0.0)
+    isolated_model = sum(v for k, v in isolated.items() if k != "data")
+    return {
+        "config": describe(cfg),
+        "method": cfg.method.name, "backbone": cfg.model.backbone, "saib": cfg.saib.enabled,
+        "batch_size": batch, "image_size": cfg.data.image_size, "precision": cfg.train.precision,
+        "compile": cfg.train.compile, "saib_impl": cfg.kernels.saib_impl, "view_prep": cfg.kernels.view_prep,
+        "data": "resident on the device" if h.loader is None else f"{cfg.data.backend} loader ({cfg.data.workers} workers)",
+        "device": device_name(h.device), "versions": versions(),
+        "stages": stages,
+        "step_ms": {
+            "sum_of_parts": 1e3 * parts,
+            "wall_clock": 1e3 * wall_step,
+            "model_only": 1e3 * model_step,
+            "isolated_sum_without_data": 1e3 * isolated_model,
+        },
+        "parts_over_wall_clock": parts / wall_step,
+        "img_per_s": {"in_place": batch / wall_step, "model_only": batch / model_step},
+        "saib_share": saib / parts if parts else 0.0,
+        "flop_per_step": flop,
+        "tflops": {"in_place": flop / wall_step / 1e12, "model_only": flop / model_step / 1e12},
+        "matmul_bf16_tflops": peak,
+        "share_of_matmul": {"in_place": flop / wall_step / 1e12 / peak, "model_only": flop / model_step / 1e12 / peak},
+        "warmup_seconds": warm_s,
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"iecl profile: {r['config']}",
+        (f"  device {r['device']}; data {r['data']}; {r['steps']} steps after {r['warmup']} warm-up "
+        f"({r['warmup_seconds']:.1f} s); isolated: median of {r['isolate_iters']}"),
+        "",
+        f"  {'stage':<28} {'in place ms':>12} {'share':>7} {'isolated ms':>12}",
+    ]
+    for s in r["stages"].values():
+        isolated = f"{s['isolated_ms']:12.2f}" if s["isolated_ms"] is not None else f"{'-':>12}"
+        lines.append(f"  {s['label']:<28} {s['in_place_ms']:12.2f} {100 * s['share']:6.1f}% {isolated}")
+    st = r["step_ms"]
+    lines += [
+        (f"  {'step (sum of parts)':<28} {st['sum_of_parts']:12.2f} {100.0:6.1f}% {st['isolated_sum_without_data']:12.2f}"
+        "  (isolated: without data)"),
+        "",
+        (f"  step by the wall clock {st['wall_clock']:.2f} ms (parts / wall clock = {r['parts_over_wall_clock']:.3f}); "
+        f"model-only step (data on the device) {st['model_only']:.2f} ms"),
+        f"  images/s: {r['img_per_s']['in_place']:.0f} in place, {r['img_per_s']['model_only']:.0f} model-only",
+        f"  SAIB (forward + backward): {100 * r['saib_share']:.1f}% of the step",
+        (f"  {r['flop_per_step'] / 1e12:.3f} TFLOP per step (convolutions and matrix products, forward + backward): "
+        f"{r['tflops']['in_place']:.1f} TFLOP/s in place, {r['tflops']['model_only']:.1f} model-only; "
+        f"{100 * r['share_of_matmul']['in_place']:.1f}% / {100 * r['share_of_matmul']['model_only']:.1f}% of this "
+        f"machine's bf16 matmul rate ({r['matmul_bf16_tflops']:.1f} TFLOP/s measured)"),
+    ]
+    if r["device"].startswith("cpu"):
+        lines.append("  (on a CPU the bf16 matmul rate is no ceiling: the shares above mean nothing there)")
+    if "trace" in r:
+        lines += ["", f"  trace of {r['trace']['steps']} steps: {r['trace']['path']}", r["trace"]["top_ops"]]
+    return "\n".join(lines)
+
+
+def run_args(args) -> int:
+    from profiling.harness import load_resolved
+    from train.data import resolve_images
+
+    cfg = load_resolved(args.config, args.overrides)
+    images = None if args.data_on_device else resolve_images(cfg.data, progress=not args.no_progress)
+    start = time.perf_counter()
+    report = profile(cfg, images, args.steps, args.warmup, args.isolate_iters, args.trace, args.trace_steps,
+                     log=lambda text: print(text, file=sys.stderr))
+    report["command_seconds"] = time.perf_counter() - start
+    report["command"] = " ".join(["iecl", *sys.argv[1:]])
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
