@@ -263,7 +263,8 @@ def _wgrad(d_src, d_strides, layer: _Layer, act: bool, a_src, a_strides, a_mode:
     out_ch, in_ch = layer.weight.shape[:2]
     dw = torch.zeros((out_ch, in_ch, taps), device=layer.z.device, dtype=torch.float32)
     block_o, block_i = min(128, max(16, _np2(out_ch))), min(128, max(16, _np2(in_ch)))
-    block_r = 256 if interpreting() else 64
+    # fp32 halves the row block: the pipelined tiles must fit in shared memory (see gemm_blocks).
+    block_r = 256 if interpreting() else (64 if dtype.itemsize <= 2 else 32)
     tiles = triton.cdiv(geo.rows, block_r)
     programs = triton.cdiv(out_ch, block_o) * triton.cdiv(in_ch, block_i) * taps
     # Enough programs to fill the GPU (a few per SM); in the interpreter two
@@ -291,7 +292,7 @@ def _dgrad(d_src, d_strides, layer: _Layer, act: bool, taps: int, geo, training:
     """dh of the layer below (and its BN-gradient sums), or, with `epi_input` =
     (g, dx or None, dpos), the input's gradients."""
     out_ch, in_ch = layer.weight.shape[:2]  # this GEMM: K = out_ch, N = in_ch
-    block_r, block_n, block_k, warps, stages = gemm_blocks(out_ch, in_ch)
+    block_r, block_n, block_k, warps, stages = gemm_blocks(out_ch, in_ch, dtype)
     tiles = triton.cdiv(geo.rows, block_r)
     dummy = layer.z
     dot_f32, prec = dot_config(dtype)

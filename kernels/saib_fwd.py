@@ -298,11 +298,16 @@ def _np2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def gemm_blocks(k: int, n: int) -> tuple[int, int, int, int, int]:
+def gemm_blocks(k: int, n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int, int]:
     """(BLOCK_R, BLOCK_N, BLOCK_K, num_warps, num_stages). tl.dot wants every
-    dimension >= 16; the interpreter runs fastest with few, large tiles."""
+    dimension >= 16; the interpreter runs fastest with few, large tiles.
+
+    The pipelined operand tiles take num_stages x (BLOCK_R + BLOCK_N) x BLOCK_K
+    elements of shared memory: 96 KB for 2-byte types at BLOCK_K 64. fp32 halves
+    BLOCK_K to stay there; at 64 it asked an H100 for more than its 227 KB per
+    block (Triton's OutOfResources, profiling/results/NVIDIA-H100-80GB-HBM3)."""
     block_n = min(128, max(16, _np2(n)))
-    block_k = min(64, max(16, _np2(k)))
+    block_k = min(64 if dtype.itemsize <= 2 else 32, max(16, _np2(k)))
     if interpreting():  # the interpreter's cost is per operation, not per element
         return 256, block_n, block_k, 4, 1
     return 128, block_n, block_k, 8 if block_n >= 128 else 4, 3
@@ -319,7 +324,7 @@ def conv_forward(a_src, a_strides, geo: Geometry, weight, out_channels: int, a_m
     """One convolution as a GEMM: returns z (R, C_out) and the per-tile
     (sum, M2) partials (or None when `stats` is False)."""
     R, K, N = geo.rows, a_src.shape[-1] if a_mode else geo.batch, out_channels
-    block_r, block_n, block_k, warps, stages = gemm_blocks(K, N)
+    block_r, block_n, block_k, warps, stages = gemm_blocks(K, N, dtype)
     tiles = triton.cdiv(R, block_r)
     z = empty((R, N), device=weight.device, dtype=dtype)
     psum = empty((tiles, N), device=weight.device, dtype=torch.float32) if stats else z

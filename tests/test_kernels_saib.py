@@ -140,7 +140,10 @@ def test_reference_equals_module(training):
     assert torch.equal(out, expected) and out.stride() == expected.stride()
     assert torch.equal(x1.grad, x2.grad)
     for (name, p1), p2 in zip(module.named_parameters(), twin.parameters()):
-        assert torch.equal(p1.grad, p2.grad), name
+        if DEVICE == "cuda":  # cuDNN may pick another weight-gradient algorithm per call (order of sums)
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(p1.grad, p2.grad), name
     for (name, b1), b2 in zip(module.named_buffers(), twin.buffers()):
         assert torch.equal(b1, b2), name
 

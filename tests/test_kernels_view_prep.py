@@ -56,6 +56,17 @@ def test_matches_reference_exactly(shape, dtype):
     if dtype == torch.bfloat16 and _triton.interpreting():
         torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-6)
     else:
+        _assert_same(out, expected)
+
+
+def _assert_same(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-identical, except fp32 on a GPU: Triton's fp32 division there is the
+    fast `div.full.f32` (within 2 ulp, not correctly rounded; seen on an H100,
+    profiling/results/NVIDIA-H100-80GB-HBM3/kernel_tests.log), so a few ulp.
+    bf16 and fp16 outputs still match exactly: the error is far below their rounding."""
+    if out.dtype == torch.float32 and out.is_cuda:
+        torch.testing.assert_close(out, expected, rtol=4e-7, atol=1e-7)
+    else:
         assert torch.equal(out, expected)
 
 
@@ -66,7 +77,7 @@ def test_strided_input():
     images = big[1:3, 2:18, 5:29]
     mean, std = torch.tensor(MEAN_255, device=DEVICE), torch.tensor(STD_255, device=DEVICE)
     out = prepare_view_triton(images, mean, std, torch.float32)
-    assert torch.equal(out, prepare_view_reference(images, mean, std, torch.float32))
+    _assert_same(out, prepare_view_reference(images, mean, std, torch.float32))
 
 
 def test_rejects_other_inputs():

@@ -6,7 +6,8 @@
 # (../shared/tools/carry-dali.sh on the lent machine).
 #
 #   profiling/scripts/gpu_results.sh kernels      # CUDA kernel tests, SAIB kernels bench, CUDA smoke of profile/compare
-#   profiling/scripts/gpu_results.sh profile      # iecl profile, data on the GPU: R50 and R18, compile off/on, traces
+#   profiling/scripts/gpu_results.sh profile      # iecl profile, data on the GPU: R50 and R18, traces (SAIB_IMPL=triton for the kernels)
+#   profiling/scripts/gpu_results.sh profile-compile   # the same for R50 with train.compile=true
 #   profiling/scripts/gpu_results.sh loader       # synthetic ImageNet-like data, loader bench, profile with DALI
 #   profiling/scripts/gpu_results.sh compare-r50  # iecl compare, all methods +-SAIB, DALI loader, compile off
 #   profiling/scripts/gpu_results.sh compare-r18
@@ -18,9 +19,17 @@ RESULTS=${RESULTS:-profiling/results/$GPU}
 TRACES=${TRACES:-/tmp/iecl-traces}
 DATA=${DATA:-/tmp/iecl-synthetic-10k}
 mkdir -p "$RESULTS" "$TRACES"
-# Entry points (bench, profile, compare) come from the package metadata: install the checkout, offline.
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
-FAST="kernels.saib_impl=triton kernels.view_prep=triton train.precision=bf16 train.channels_last=true"
+# `iecl` with the profiling commands registered by hand: `pip install -e .` failed on the
+# lent H100 (no package index for its build step), so the entry points are not there.
+iecl() {
+  python3 -c 'import sys; from train import cli; from profiling import cli as p
+cli._plugin_commands = lambda: iter([p.register, p.register_profile, p.register_compare])
+sys.exit(cli.main(sys.argv[1:]))' "$@"
+}
+# The SAIB implementation to time: reference (cuDNN) was 4x faster than the Triton
+# kernels on the H100 (saib_b256_224px_p16_bf16.json), so it is the default here.
+SAIB_IMPL=${SAIB_IMPL:-reference}
+FAST="kernels.saib_impl=$SAIB_IMPL kernels.view_prep=triton train.precision=bf16 train.channels_last=true"
 LOADER="data.root=$DATA data.backend=dali data.workers=16"
 
 run() {  # run NAME CMD...: log the command, keep its output in $RESULTS/NAME.log
@@ -42,11 +51,13 @@ kernels)
   ;;
 profile)
   for net in r50 r18; do
-    run "profile_${net}_iecl_b256_eager" iecl profile --config imagenet_$net --data-on-device $FAST --steps 30 --warmup 10 \
-      --trace "$TRACES/trace_${net}_iecl_b256_eager.json.gz" --json "$RESULTS/profile_${net}_iecl_b256_eager.json"
-    run "profile_${net}_iecl_b256_compile" iecl profile --config imagenet_$net --data-on-device $FAST train.compile=true \
-      --steps 30 --warmup 10 --json "$RESULTS/profile_${net}_iecl_b256_compile.json"
+    run "profile_${net}_iecl_b256_$SAIB_IMPL" iecl profile --config imagenet_$net --data-on-device $FAST --steps 15 --warmup 5 \
+      --isolate-iters 5 --trace "$TRACES/trace_${net}_iecl_b256_$SAIB_IMPL.json.gz" --json "$RESULTS/profile_${net}_iecl_b256_$SAIB_IMPL.json"
   done
+  ;;
+profile-compile)  # R50 IE-CL's compile warm-up did not finish within 5 minutes on the H100: give it a call of its own
+  run profile_r50_iecl_b256_compile iecl profile --config imagenet_r50 --data-on-device $FAST train.compile=true \
+    --steps 15 --warmup 5 --isolate-iters 5 --json "$RESULTS/profile_r50_iecl_b256_compile.json"
   ;;
 loader)
   python3 -m train.cli make-synthetic "$DATA" --images 10000 --classes 100 2>&1 | tail -2
@@ -57,12 +68,12 @@ loader)
   ;;
 compare-r50 | compare-r18)
   net=${STAGE#compare-}
-  run "compare_${net}_b256" iecl compare --config imagenet_$net $FAST $LOADER --steps 20 --warmup 6 \
+  run "compare_${net}_b256" iecl compare --config imagenet_$net $FAST $LOADER --steps 15 --warmup 5 \
     --out "$RESULTS/compare_${net}_b256"
   ;;
 compare-compile)
   run compare_r50_b256_compile iecl compare --config imagenet_r50 $FAST $LOADER train.compile=true \
-    --methods iecl simclr --steps 20 --warmup 6 --out "$RESULTS/compare_r50_b256_compile"
+    --methods iecl simclr --steps 15 --warmup 5 --out "$RESULTS/compare_r50_b256_compile"
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
