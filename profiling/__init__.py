@@ -1,3 +1,6 @@
-"""Profiling: step breakdowns, loader and kernel benchmarks, epoch-time
-comparisons. It observes `train`, `pipeline` and `kernels` from outside and is
-never imported by them. (Its commands arrive with the profiling issue.)"""
+"""Profiling: step breakdowns (`iecl profile`), epoch-time comparisons of every
+method with and without SAIB (`iecl compare`), loader and kernel benchmarks
+(`iecl bench loader|saib`). It observes `train`, `pipeline` and `kernels` from
+outside and is never imported by them; its commands reach `iecl` through the
+`iecl.commands` entry points (setup.py). Results measured on real machines,
+with the commands that made them, are under `profiling/results/<machine>/`."""
