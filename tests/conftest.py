@@ -102,3 +102,17 @@ def rewrite_interpreted_kernels(*modules, attempts: int = 3) -> None:
             except SystemError as err:
                 if "recursion depth mismatch" not in str(err) or attempt == attempts - 1:
                     raise
+
+
+def inject_nan(method, steps: set[int]) -> None:
+    """Make `method` return a NaN loss at the given 0-based calls of loss_on_views."""
+    original, calls = method.loss_on_views, [0]
+
+    def faulty(anchor, query):
+        losses = original(anchor, query)
+        if calls[0] in steps:
+            losses["loss"] = losses["loss"] * float("nan")
+        calls[0] += 1
+        return losses
+
+    method.loss_on_views = faulty

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,106 @@ def test_unwritable_run_directory(capsys, tmp_path, tiny_data):
         out_dir.mkdir(mode=0o500)
     code, _, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}")
     assert code == 2 and "cannot create a run directory" in _one_line_error(err)
+
+
+@contextmanager
+def _read_only(path: Path):
+    """`path` (a folder or a file) unwritable for this process: chmod for a
+    user; root ignores permissions, so for root the immutable attribute
+    (chattr +i), and a skip only where the file system has none."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o500 if path.is_dir() else 0o400)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)], capture_output=True, check=False).returncode:
+        pytest.skip("running as root, which ignores permissions, and chattr +i does not work here")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+def _one_step_run(capsys, out_dir: Path, tiny_data) -> Path:
+    """A run stopped after its first step (train.max_steps=1), to be resumed with more."""
+    code, _, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.max_steps=1")
+    assert code == 0, err
+    (run_dir,) = _run_dirs(out_dir)
+    return run_dir
+
+
+def test_read_only_parent_of_new_runs(capsys, tmp_path, tiny_data):
+    out_dir = tmp_path / "runs"
+    out_dir.mkdir()
+    with _read_only(out_dir):
+        code, _, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}")
+    assert code == 2 and "cannot create a run directory under" in _one_line_error(err)
+    assert not list(out_dir.iterdir())
+
+
+def test_read_only_run_directory_is_refused_before_resuming(capsys, tmp_path, tiny_data):
+    run_dir = _one_step_run(capsys, tmp_path / "runs", tiny_data)
+    before = (run_dir / "last.pt").read_bytes()
+    with _read_only(run_dir):
+        code, _, err = _pretrain(capsys, "--resume", str(run_dir), "train.max_steps=2", tiny=False)
+    assert code == 2
+    assert _one_line_error(err).startswith(f"iecl pretrain: error: cannot write to the run directory {run_dir}")
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_unwritable_metrics_log_is_refused_before_training(capsys, tmp_path, tiny_data):
+    """The folder takes new files but the metrics log takes no appends: refused
+    by the check before training, not by a traceback at the first logged step."""
+    run_dir = _one_step_run(capsys, tmp_path / "runs", tiny_data)
+    with _read_only(run_dir / "metrics.jsonl"):
+        code, _, err = _pretrain(capsys, "--resume", str(run_dir), "train.max_steps=2", tiny=False)
+    assert code == 2 and f"cannot write to the run directory {run_dir}" in _one_line_error(err)
+    assert ckpt.load(run_dir / "last.pt")["step"] == 1
+
+
+def test_too_little_disk_space_is_refused_before_training(capsys, tmp_path, tiny_data, monkeypatch):
+    import train.run_dir
+
+    free = 5 * 2**20  # a ResNet-18 IE-CL checkpoint with AdamW state is ~200 MB
+    monkeypatch.setattr(train.run_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - free, free))
+    out_dir = tmp_path / "runs"
+    code, _out, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}")
+    line = _one_line_error(err)
+    assert code == 2 and "has 5.0 MB free, but a checkpoint of this run takes about" in line and "run.out_dir" in line
+    (run_dir,) = _run_dirs(out_dir)
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_failing_checkpoint_write_keeps_the_previous_one(capsys, tmp_path, tiny_data, monkeypatch):
+    """The disk fills while step 4's checkpoint is half written: a one-line
+    error, and last.pt still holds step 2, loadable; no temporary is left."""
+    import torch
+
+    real_save, calls = torch.save, []
+
+    def fill_the_disk_on_the_second_save(obj, f, *args, **kwargs):
+        calls.append(obj["step"])
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fill_the_disk_on_the_second_save)
+    out_dir = tmp_path / "runs"
+    code, _, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.checkpoint_every=2")
+    monkeypatch.undo()
+    (run_dir,) = _run_dirs(out_dir)
+    assert code == 2 and calls == [2, 4]
+    assert _one_line_error(err) == (
+        f"iecl pretrain: error: cannot write the checkpoint of step 4 to {run_dir}: No space left on device; "
+        f"{run_dir / 'last.pt'} still holds step 2: free space (or fix the folder) and continue with --resume {run_dir}"
+    )
+    assert ckpt.load(run_dir / "last.pt")["step"] == 2
+    assert not [p.name for p in run_dir.iterdir() if "tmp" in p.name]
 
 
 def test_unreadable_image_mid_run_keeps_progress(capsys, tmp_path, tiny_data):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import yaml
 
@@ -11,9 +13,11 @@ from train.config import (
     ConfigError,
     apply,
     dump_yaml,
+    inductor_cxx,
     load_config,
     parse_override,
     resolve_runtime,
+    runtime_warnings,
     validate,
 )
 
@@ -147,6 +151,54 @@ def test_runtime_resolution_and_refusals():
         resolve_runtime(load_config(None, ["train.precision=fp16"]), False, False)
     with pytest.raises(ConfigError, match="no CUDA device"):
         resolve_runtime(load_config(None, ["train.device=cuda"]), False, False)
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["train.dist_backend=nccl"], 2, ("train.dist_backend=nccl needs CUDA devices (train.device=cuda); use "
+                                     "train.dist_backend=gloo or auto on CPUs")),
+    (["train.sync_bn=true"], 2, ("train.sync_bn=true needs GPUs (PyTorch's SyncBatchNorm has no CPU implementation); "
+                                "set train.sync_bn=false")),
+    (["train.sync_bn=true"], 1, "train.sync_bn=true needs GPUs"),  # torchrun with one process is still a launch
+])
+def test_launch_refusals_on_a_cpu(overrides, world, message):
+    cfg = validate(load_config(None, overrides), world)
+    with pytest.raises(ConfigError) as err:
+        resolve_runtime(cfg, cuda_available=False, bf16_supported=False, world_size=world)
+    assert message in str(err.value)
+
+
+def test_launch_settings_on_gpus_and_without_a_launch():
+    for overrides in (["train.dist_backend=nccl", "train.sync_bn=true"], ["train.dist_backend=gloo"]):
+        cfg = resolve_runtime(validate(load_config(None, overrides), 8), True, True, world_size=8)
+        assert cfg.train.device == "cuda" and runtime_warnings(cfg, 8) == []
+    # Without torchrun the launch keys do nothing: nccl is not refused on a CPU, sync_bn only warned about.
+    cfg = resolve_runtime(validate(load_config(None, ["train.dist_backend=nccl", "train.sync_bn=true"])), False, False)
+    (warning,) = runtime_warnings(cfg, None)
+    assert "train.sync_bn=true has no effect in a single process" in warning
+
+
+def test_the_dataset_must_fill_a_global_batch():
+    validate(load_config(None, ["data.synthetic_images=64"]), world_size=2)  # 32 per rank x 2
+    with pytest.raises(ConfigError, match=r"data.synthetic_images \(64\) must be at least train.batch_size \(32\) x 4 ranks"):
+        validate(load_config(None, ["data.synthetic_images=64"]), world_size=4)
+
+
+def test_compile_without_a_compiler_is_refused(monkeypatch, tmp_path):
+    missing = str(tmp_path / "no-such-c++")
+    monkeypatch.setenv("CXX", missing)
+    with pytest.raises(ConfigError) as err:
+        resolve_runtime(load_config(None, ["train.compile=true"]), False, False)
+    assert f"train.compile=true on a CPU needs the C++ compiler torch.compile calls: {missing} was not found" in str(err.value)
+    broken = tmp_path / "broken-c++"  # found, but not a working compiler
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    with pytest.raises(ConfigError, match="train.compile=true on a CPU needs"):
+        resolve_runtime(load_config(None, ["train.compile=true"]), False, False)
+    monkeypatch.delenv("CXX")
+    if shutil.which(inductor_cxx()) is None:
+        pytest.skip(f"{inductor_cxx()} is not installed: the accepting case cannot run here")
+    assert resolve_runtime(load_config(None, ["train.compile=true"]), False, False).train.compile
 
 
 def test_resolved_config_round_trips_through_yaml():

@@ -11,7 +11,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import inject_nan, tiny_config
 
 from kernels.view_prep import prepare_view_reference
 from pipeline import MEAN_255, STD_255, scan_image_folder
@@ -256,20 +256,6 @@ def test_knn_monitor_refuses_unlabelled_data_before_training(tmp_path, sixteen_i
     assert knn_splits(cfg, scan_image_folder(flat)) is None
 
 
-def _nan_at(method, steps: set[int]):
-    """Make `method` return a NaN loss at the given 0-based calls of loss_on_views."""
-    original, calls = method.loss_on_views, [0]
-
-    def faulty(anchor, query):
-        losses = original(anchor, query)
-        if calls[0] in steps:
-            losses["loss"] = losses["loss"] * float("nan")
-        calls[0] += 1
-        return losses
-
-    method.loss_on_views = faulty
-
-
 def test_a_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
     """Step 3's loss is NaN: no update is made that step (the weights after it
     equal the weights before it), the step counts, and the run finishes."""
@@ -279,7 +265,7 @@ def test_a_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatc
 
     def build_with_fault(*args, **kwargs):
         method, *rest = loop_build(*args, **kwargs)
-        _nan_at(method, {2})
+        inject_nan(method, {2})
         built["method"] = method
         return (method, *rest)
 
@@ -306,7 +292,7 @@ def test_persistent_nonfinite_losses_stop_the_run_with_the_weights_from_before(t
 
     def build_with_faults(*args, **kwargs):
         method, *rest = loop_build(*args, **kwargs)
-        _nan_at(method, set(range(3, 100)))
+        inject_nan(method, set(range(3, 100)))
         kept["method"] = method
         return (method, *rest)
 

@@ -42,6 +42,23 @@ def save_atomic(state: dict, path: Path) -> None:
         pass
 
 
+#: Optimizer state per trainable parameter, in parameter-sized tensors, before
+#: the first step creates it: AdamW's two moments, SGD's and LARS's momentum.
+OPTIMIZER_SLOTS = {"adamw": 2, "sgd": 1, "lars": 1}
+
+
+def estimate_bytes(method: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_name: str) -> int:
+    """About what one checkpoint of this run takes on disk: the method's
+    parameters and buffers (target encoder, queue, BatchNorm statistics) plus
+    the optimizer's state (actual once it exists, else predicted)."""
+    model = sum(t.numel() * t.element_size() for t in method.state_dict().values() if isinstance(t, torch.Tensor))
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    if state:
+        return model + sum(t.numel() * t.element_size() for t in state)
+    trainable = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return model + OPTIMIZER_SLOTS.get(optimizer_name, 2) * trainable
+
+
 def snapshot(last: Path, step: int, keep: int) -> Path:
     """Keep `last` also as `step-<step>.pt` beside it (a hard link: no copy, and
     it stays valid when `last` is later replaced by rename), then delete all but

@@ -9,6 +9,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ shipped config and override what differs:
   iecl pretrain --config byol_r50 data.root=/data/imagenet/train saib.enabled=true
   iecl pretrain method.name=simclr saib.enabled=false        # a baseline's smoke run
   iecl pretrain --resume runs/iecl-resnet50-20261125-101500
+  torchrun --nproc_per_node=8 -m train --config imagenet_r50 data.root=/data/imagenet/train
+
+Under torchrun each process is one rank (one GPU): train.batch_size is per rank
+and the learning rate scales with the global batch (README: Multi-GPU).
 
 Overrides are section.key=value (the value is read as YAML). Every key, with
 its meaning, is listed in configs/smoke.yaml; the shipped configs are smoke,
@@ -77,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as err:
-        print(f"iecl {args.command}: error: {err}", file=sys.stderr)
+        print(f"iecl {args.command}: {_rank_tag()}error: {err}", file=sys.stderr)
         return 2
+
+
+def _rank_tag() -> str:
+    """'rank N: ' in the processes of a torchrun launch other than rank 0 (each prints its own errors)."""
+    rank = os.environ.get("RANK", "0")
+    return f"rank {rank}: " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 def _plugin_commands():
@@ -123,52 +134,87 @@ def run_pretrain(args) -> int:
     import torch
 
     from train import checkpoint as ckpt
-    from train.config import load_config, resolve_runtime, validate
-    from train.data import resolve_images
-    from train.loop import planned_steps, pretrain
-    from train.monitor import knn_splits
-    from train.run_dir import config_of_run, create_run_dir, write_run_files
+    from train import ddp
+    from train.config import load_config, resolve_runtime, runtime_warnings, validate
+    from train.run_dir import config_of_run
 
+    launch = ddp.launch_from_env()  # torchrun's variables, or None: one process
+    world = launch.world_size if launch is not None else None
     if args.resume and args.config:
         raise ConfigError("--resume takes the run's own config.yaml; drop --config (overrides are still allowed)")
     state = None
+    run_dir = None
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_config(str(config_of_run(run_dir)), args.overrides)
-        state = ckpt.load(run_dir / "last.pt")
+        state = ckpt.load(run_dir / "last.pt")  # every rank loads the same checkpoint
     else:
         cfg = load_config(args.config, args.overrides)
-    validate(cfg)
+    validate(cfg, world or 1)
     cuda = torch.cuda.is_available()
-    resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
-    images = resolve_images(cfg.data, progress=not args.no_progress)  # data errors before anything is written
+    resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), world)
+    main_rank = launch is None or launch.rank == 0
+    for line in runtime_warnings(cfg, world) if main_rank else ():
+        print(f"iecl pretrain: warning: {line}", file=sys.stderr)
+    with ddp.session(cfg, launch):
+        ddp.barrier()  # every rank has read config.yaml and last.pt: rank 0 may now rewrite them
+        return _pretrain_session(args, cfg, state, run_dir, world)
+
+
+def _pretrain_session(args, cfg, state: dict | None, run_dir: Path | None, world: int | None) -> int:
+    """The run, once the process group (if any) is up; rank 0 alone creates and
+    writes the run directory and prints, and shares its failures with the others."""
+    from train import ddp
+    from train.data import resolve_images
+    from train.loop import planned_steps, pretrain
+    from train.monitor import knn_splits
+    from train.run_dir import create_run_dir, write_run_files
+
+    main_rank = ddp.is_main()
+    progress = not args.no_progress and main_rank
+    # Data errors before anything is written; a synthetic dataset is made once, by rank 0.
+    images = ddp.main_first(lambda: resolve_images(cfg.data, progress=progress))
     knn = knn_splits(cfg, images)
-    steps = planned_steps(cfg, len(images))
-    if state is not None and state["dataset"]["images"] != len(images):
+    steps = planned_steps(cfg, len(images), world or 1)
+    if main_rank and state is not None and state["dataset"]["images"] != len(images):
         print(
             f"iecl pretrain: warning: {images.root} now has {len(images)} images, the checkpoint was made "
             f"with {state['dataset']['images']}; the data order from here on differs from the original run",
             file=sys.stderr,
         )
-    if not args.resume:
-        run_dir = create_run_dir(cfg)
+    if run_dir is None:
+        run_dir = ddp.from_main(lambda: create_run_dir(cfg))
     if state is not None and state["step"] >= steps:
-        print(f"iecl pretrain: {run_dir} is already complete ({state['step']} of {steps} steps); "
-              "raise train.epochs or train.max_steps to continue it")
+        if main_rank:
+            print(f"iecl pretrain: {run_dir} is already complete ({state['step']} of {steps} steps); "
+                  "raise train.epochs or train.max_steps to continue it")
         return 0
-    write_run_files(run_dir, cfg, {"images": len(images), "data_root": images.root}, resumed=state is not None)
-    _print_header(cfg, images, steps, run_dir, state)
-    summary = pretrain(cfg, run_dir, images, state, progress=not args.no_progress, knn=knn)
-    _print_summary(summary)
+    info = {"images": len(images), "data_root": images.root, **({"world_size": world} if world else {})}
+    ddp.from_main(lambda: write_run_files(run_dir, cfg, info, resumed=state is not None))
+    if main_rank:
+        _print_header(cfg, images, steps, run_dir, state, world)
+    summary = pretrain(cfg, run_dir, images, state, progress=progress, knn=knn)
+    if main_rank:
+        _print_summary(summary)
     return EXIT_ON_SIGNAL.get(summary.stopped_by, 0)
 
 
-def _print_header(cfg, images, steps: int, run_dir: Path, state: dict | None) -> None:
+def _print_header(cfg, images, steps: int, run_dir: Path, state: dict | None, world: int | None = None) -> None:
     t, m = cfg.train, cfg.model
     where = f"resuming at step {state['step']}" if state else "new run"
+    batch = f"batch {t.batch_size}"
+    if world is not None:  # under torchrun: the global batch and the learning rate it scales
+        from train.ddp import backend_for
+        from train.optim import scaled_lr
+
+        linear = cfg.optim.lr_scaling == "linear"
+        scaling = f"optim.lr {cfg.optim.lr:g} x {t.batch_size * world}/256" if linear else "optim.lr, not scaled"
+        batch = (f"{world} rank(s) ({backend_for(cfg)}{', SyncBatchNorm' if t.sync_bn and world > 1 else ''}), "
+                 f"batch {t.batch_size} per rank = {t.batch_size * world} global, "
+                 f"lr {scaled_lr(cfg.optim, t.batch_size * world):.3g} ({scaling})")
     print(
         f"iecl pretrain: {cfg.method.name} {m.backbone}{' +SAIB' if cfg.saib.enabled else ''} on {len(images)} images "
-        f"({images.root}), {t.device} {t.precision}, batch {t.batch_size}, {cfg.data.image_size}px, "
+        f"({images.root}), {t.device} {t.precision}, {batch}, {cfg.data.image_size}px, "
         f"{steps} steps; {where} in {run_dir}",
         flush=True,
     )

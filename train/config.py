@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 import os
 import shutil
+import subprocess
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +140,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between last.pt writes; also written at the end and on a stop
     keep_checkpoints: int = 0  # periodic snapshots step-<N>.pt kept besides last.pt (0: none)
     max_nonfinite: int = 10  # consecutive steps with a non-finite loss skipped before the run stops
+    sync_bn: bool = False  # under torchrun: the encoders' BatchNorms normalise over the global batch (GPUs)
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on GPUs, gloo on CPUs
 
 
 @dataclass
@@ -302,9 +306,13 @@ def resolve_method_defaults(cfg: Config) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: Config, world_size: int = 1) -> Config:
     """Fill in the method's defaults, then refuse settings that cannot run,
-    before anything is written."""
+    before anything is written. `world_size`: the ranks of a torchrun launch.
+
+    `train.batch_size` is per rank (SAIB's channels are the rank's own batch)
+    and there is no global-batch key, so no batch has to divide by the world
+    size; the global batch is batch_size x world_size."""
     resolve_method_defaults(cfg)
     d, t, o, m, s = cfg.data, cfg.train, cfg.optim, cfg.method, cfg.saib
     _require(t.batch_size >= 2, f"train.batch_size must be at least 2 (in-batch negatives), got {t.batch_size}")
@@ -330,9 +338,11 @@ def validate(cfg: Config) -> Config:
         _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(d.crop_scale)}")
     if not d.root:
         _require(d.synthetic_classes >= 1, "data.synthetic_classes must be at least 1")
+        per_ranks = f" x {world_size} ranks" if world_size > 1 else ""
         _require(
-            d.synthetic_images >= t.batch_size,
-            f"data.synthetic_images ({d.synthetic_images}) must be at least train.batch_size ({t.batch_size})",
+            d.synthetic_images >= t.batch_size * world_size,
+            f"data.synthetic_images ({d.synthetic_images}) must be at least train.batch_size ({t.batch_size})"
+            f"{per_ranks}",
         )
     if s.enabled:
         _require(s.patch_size >= 1, f"saib.patch_size must be positive, got {s.patch_size}")
@@ -370,8 +380,9 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(k for k in range(1, at_most + 1) if n % k == 0)
 
 
-def resolve_runtime(cfg: Config, cuda_available: bool, bf16_supported: bool) -> Config:
-    """Decide `auto` device and precision, and refuse what this machine cannot do."""
+def resolve_runtime(cfg: Config, cuda_available: bool, bf16_supported: bool, world_size: int | None = None) -> Config:
+    """Decide `auto` device and precision, and refuse what this machine cannot do.
+    `world_size`: the ranks of a torchrun launch, None for a plain single-process run."""
     t = cfg.train
     if t.device == "auto":
         t.device = "cuda" if cuda_available else "cpu"
@@ -387,16 +398,41 @@ def resolve_runtime(cfg: Config, cuda_available: bool, bf16_supported: bool) -> 
         "this GPU has no bf16 support; use train.precision=fp16",
     )
     if t.compile:
-        _require(_compiler_available(t.device), _NO_COMPILER[t.device])
+        _require(_compiler_available(t.device), _NO_COMPILER[t.device].format(cxx=inductor_cxx()))
     if cfg.optim.impl == "apex":
         _require(t.device == "cuda", "optim.impl=apex needs a GPU; use optim.impl=torch")
+    if world_size is not None:  # a torchrun launch
+        _require(
+            not (t.dist_backend == "nccl" and t.device != "cuda"),
+            "train.dist_backend=nccl needs CUDA devices (train.device=cuda); use train.dist_backend=gloo or auto on CPUs",
+        )
+        _require(
+            not (t.sync_bn and t.device != "cuda"),
+            "train.sync_bn=true needs GPUs (PyTorch's SyncBatchNorm has no CPU implementation); "
+            "set train.sync_bn=false",
+        )
     return cfg
 
 
+def runtime_warnings(cfg: Config, world_size: int | None) -> list[str]:
+    """Settings that run but do not do what they say here."""
+    if cfg.train.sync_bn and world_size is None:
+        return [("train.sync_bn=true has no effect in a single process (SyncBatchNorm synchronises the ranks "
+                 "of a torchrun launch); the encoders keep their ordinary BatchNorm")]
+    return []
+
+
 _NO_COMPILER = {
-    "cpu": "train.compile=true on a CPU needs a C++ compiler (set CXX or install g++); or set train.compile=false",
+    "cpu": "train.compile=true on a CPU needs the C++ compiler torch.compile calls: {cxx} was not found "
+           "(install g++ or set CXX to a C++ compiler); or set train.compile=false",
     "cuda": "train.compile=true on a GPU needs Triton (pip install triton); or set train.compile=false",
 }
+
+
+def inductor_cxx() -> str:
+    """The C++ compiler torch.compile's CPU backend (Inductor) runs: $CXX, else
+    g++ (clang++ on macOS), as `torch._inductor.config.cpp.cxx` decides."""
+    return os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
 
 
 def _compiler_available(device: str) -> bool:
@@ -406,7 +442,13 @@ def _compiler_available(device: str) -> bool:
         except ImportError:
             return False
         return True
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    cxx = shutil.which(inductor_cxx())
+    if cxx is None:
+        return False
+    try:  # what Inductor itself runs to accept a compiler
+        return subprocess.run([cxx, "--version"], capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def dump_yaml(cfg: Config) -> str:

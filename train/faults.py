@@ -22,15 +22,24 @@ class NonFiniteGuard:
 
     The check reads one boolean from the device per step: a synchronisation
     the GPU barely notices at these step times (it also happens in GradScaler).
+    Under DDP the ranks decide together (`train.ddp.StepAgreement`) and
+    `record` counts what they decided, so every rank skips the same steps.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, report: bool = True) -> None:
         self.limit = limit
+        self.report = report  # warn on stderr (off on all ranks but rank 0, which speaks for all)
         self.total = 0
         self.streak = 0
 
     def finite(self, loss: torch.Tensor, step: int) -> bool:
-        if bool(torch.isfinite(loss.detach())):
+        ok = bool(torch.isfinite(loss.detach()))
+        return self.record(ok, step, lambda: f"loss is {loss.item()}")
+
+    def record(self, ok: bool, step: int, what) -> bool:
+        """Count step `step` (0-based) as finite or not; `what()` says what was
+        wrong, for the warning. True: make the update."""
+        if ok:
             self.streak = 0
             return True
         self.total += 1
@@ -41,6 +50,7 @@ class NonFiniteGuard:
                 f"{step + 1}; train.max_nonfinite={self.limit}): lower optim.lr, use train.precision=bf16 or "
                 "fp32 rather than fp16, or look for broken inputs"
             )
-        tqdm.write(f"iecl pretrain: warning: step {step + 1}: loss is {loss.item()}; step skipped "
-                   f"({self.total} so far)", sys.stderr)
+        if self.report:
+            tqdm.write(f"iecl pretrain: warning: step {step + 1}: {what()}; step skipped ({self.total} so far)",
+                       sys.stderr)
         return False

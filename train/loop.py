@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from kernels.view_prep import ViewPrep
 from model.methods import Method
-from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, ViewBatch, build_loader
+from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, build_loader
 from pipeline.sampler import EpochBatchSampler
+from pipeline.views import ViewBatch
 from train import checkpoint as ckpt
 from train import ddp
 from train.config import Config
@@ -232,7 +233,8 @@ def pretrain(
                 for batch, error in _batches(loader, catch=distributed):
                     if distributed:
                         bad.report()  # the limit is checked on the count over all ranks, below
-                        batch = batch or last_batch or _placeholder(cfg, device)  # a rank with no batch still steps
+                        if batch is None:  # this rank's loader failed: it still takes part in the step
+                            batch = last_batch if last_batch is not None else _placeholder(cfg, device)
                     else:
                         bad.check()  # before training on a batch with replaced images
                     lr = base_lr * warmup_cosine(pos.step, total, warmup, cfg.optim.min_lr_ratio)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,51 @@ def _environment(cfg: Config) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
     }
+
+
+def check_run_dir(run_dir: Path, checkpoint_bytes: int, keep_checkpoints: int = 0) -> list[str]:
+    """Before training: the run directory takes new files (and its existing
+    logs take appends), and its file system has room for the checkpoints. A
+    `RunDirError` saying what to change otherwise; warnings (a list of lines)
+    when the room may run out later (snapshots kept besides last.pt)."""
+    run_dir = Path(run_dir)
+    try:
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0")
+        probe.unlink()
+        for log in (run_dir / "metrics.jsonl", run_dir / "run.json"):
+            if log.exists():
+                open(log, "ab").close()  # opened to see that it can be; nothing is written
+    except OSError as err:
+        raise RunDirError(
+            f"cannot write to the run directory {run_dir}: {err.strerror or err}; "
+            "make it writable or start a new run with run.out_dir set to a writable folder"
+        ) from None
+    free = shutil.disk_usage(run_dir).free
+    # A new run's second checkpoint is written beside its first (atomic write); a
+    # resumed run's next one beside the last.pt already there.
+    need = checkpoint_bytes * (1 if (run_dir / "last.pt").exists() else 2)
+    if free < need:
+        raise RunDirError(
+            f"the file system of {run_dir} has {_size(free)} free, but a checkpoint of this run takes about "
+            f"{_size(checkpoint_bytes)} and the atomic write needs room for two ({_size(need)} more): "
+            "free some space or set run.out_dir to a folder on another file system"
+        )
+    later = need + keep_checkpoints * checkpoint_bytes
+    if free < later:
+        return [(f"{run_dir} has {_size(free)} free; keeping train.keep_checkpoints={keep_checkpoints} snapshots "
+                 f"of about {_size(checkpoint_bytes)} each may fill it (lower train.keep_checkpoints)")]
+    return []
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"
 
 
 def config_of_run(run_dir: Path) -> Path:

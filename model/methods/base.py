@@ -1,7 +1,8 @@
 """The interface every self-supervised method implements.
 
 The training loop knows only this: it hands each step's two uint8 views to
-`step_on_views`, back-propagates `losses["loss"]`, steps the optimizer over
+`step_on_views` (by calling the method, possibly wrapped in
+DistributedDataParallel: `forward` is `step_on_views`), back-propagates `losses["loss"]`, steps the optimizer over
 `param_groups`, then calls `momentum_update`. Everything method-specific stays
 in the method's file.
 
@@ -64,6 +65,11 @@ class Method(nn.Module):
             return self.loss_on_views(prepare(anchor_u8), prepare(query_u8))
         query = self.saib.forward_uint8(query_u8, prepare.mean, prepare.std, prepare.dtype)
         return self.loss_on_views(prepare(anchor_u8), query)
+
+    def forward(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor, prepare) -> dict[str, torch.Tensor]:
+        """`step_on_views`, as a module call: DistributedDataParallel hooks the
+        gradient averaging into `forward`, so the loop calls the (wrapped) method."""
+        return self.step_on_views(anchor_u8, query_u8, prepare)
 
     def nce_candidates(self, batch_size: int) -> int:
         """Candidates (1 positive + negatives) in each softmax of `loss_nce`."""
