@@ -121,7 +121,11 @@ def compare(config: str | None, overrides: list[str], methods=METHODS, saib: str
         for enabled in SAIB_MODES[saib]:
             cfg = load_resolved(config, [*overrides, f"method.name={method}", f"saib.enabled={str(enabled).lower()}"])
             log(f"iecl compare: {method} {'+SAIB' if enabled else 'without SAIB'}")
-            rows.append(measure(cfg, images, steps, warmup, epoch_images))
+            try:
+                rows.append(measure(cfg, images, steps, warmup, epoch_images))
+            except torch.cuda.OutOfMemoryError as err:  # one configuration too big: keep the others
+                log(f"iecl compare: {method} {'+SAIB' if enabled else 'without SAIB'}: out of memory, skipped")
+                rows.append({"method": method, "saib": enabled, "error": f"out of memory: {str(err).splitlines()[0]}"})
     t = cfg.train
     return {
         "backbone": cfg.model.backbone, "batch_size": t.batch_size, "image_size": cfg.data.image_size,
@@ -138,7 +142,7 @@ def compare(config: str | None, overrides: list[str], methods=METHODS, saib: str
 def overheads(rows: list[dict]) -> dict:
     """SAIB's added time per method (percent of the method's step without
     SAIB), for each timing present in both rows, and their mean."""
-    by = {(r["method"], r["saib"]): r for r in rows}
+    by = {(r["method"], r["saib"]): r for r in rows if "error" not in r}
     out: dict = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         off, on = by.get((method, False)), by.get((method, True))
@@ -178,6 +182,9 @@ def markdown(r: dict) -> str:
         rule += " ---: | ---: | ---: | ---: |"
     lines += ["", "## Time per epoch", "", head, rule]
     for row in r["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['method']} | {'yes' if row['saib'] else 'no'} | {row['error']} |")
+            continue
         m = row["model_only"]
         line = (f"| {row['method']} | {'yes' if row['saib'] else 'no'} | {m['step_ms']:.1f} | {m['img_per_s']:.0f} | "
                 f"{_minutes(m['epoch_seconds'])} |")
@@ -208,7 +215,7 @@ def chart(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(row["method"] for row in r["rows"]))
-    by = {(row["method"], row["saib"]): row for row in r["rows"]}
+    by = {(row["method"], row["saib"]): row for row in r["rows"] if "error" not in row}
     kind = "loader" if r["loader"] is not None else "model_only"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.38

@@ -176,3 +176,22 @@ def test_compare_refuses_what_it_sets_itself():
     with pytest.raises(ConfigError, match="--methods"):
         compare(None, [*tiny_overrides(), "method.name=byol"], methods=("iecl",))
     assert main(["compare", *tiny_overrides(), "--methods", "dino", "--no-loader"]) == 2
+
+
+def test_compare_keeps_going_past_an_out_of_memory_configuration(monkeypatch, tmp_path):
+    import profiling.compare as compare_module
+
+    real = compare_module.measure
+
+    def measure(cfg, *args):
+        if cfg.saib.enabled:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(cfg, *args)
+
+    monkeypatch.setattr(compare_module, "measure", measure)
+    r = compare(None, tiny_overrides(), methods=("simsiam",), steps=1, warmup=1, log=lambda _: None)
+    assert r["rows"][1] == {"method": "simsiam", "saib": True, "error": "out of memory: CUDA out of memory. "
+                            "Tried to allocate 2.00 GiB"}
+    assert r["saib_overhead"] == {}
+    paths = write(r, tmp_path)
+    assert "| simsiam | yes | out of memory" in paths["markdown"].read_text()

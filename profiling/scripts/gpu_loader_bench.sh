@@ -8,12 +8,10 @@ set -euo pipefail
 OUT=${1:-profiling/results/$(python3 -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')}
 DATA=${2:-/tmp/iecl-synthetic-10k}
 mkdir -p "$OUT"
-# `bench` registers through package metadata: install the checkout (offline, no deps).
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-run() { python3 -m train.cli "$@"; }  # the iecl entry point, without needing the console script
-run make-synthetic "$DATA" --images 10000 --classes 100
+source "$(dirname "$0")/iecl.sh"
+iecl make-synthetic "$DATA" --images 10000 --classes 100
 backends="pil dali"
 python3 -c 'import ffcv.libffcv' 2>/dev/null && backends="$backends ffcv" || echo "ffcv: extension does not load here; skipped"
-run bench loader --backend $backends --decode shared window --data "$DATA" --beton /tmp/iecl-synthetic-10k.beton \
+iecl bench loader --backend $backends --decode shared window --data "$DATA" --beton /tmp/iecl-synthetic-10k.beton \
   --batch-size 256 --image-size 224 --steps 40 --warmup 8 --device cuda --json "$OUT/loader_224px_b256.json" \
   2>&1 | tee "$OUT/loader_224px_b256.log"
