@@ -10,16 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from pipeline import DataError, build_loader, open_images
 from pipeline.sources import open_beton
+from profiling.machine import versions
 
 
 @dataclass
@@ -155,18 +154,6 @@ def _beton_for(data: str, args) -> str:
     return str(beton)
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name, dist in (("dali", "nvidia-dali-cuda120"), ("ffcv", "ffcv"), ("triton", "triton")):
-        try:
-            out[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
 def main(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -183,8 +170,8 @@ def main(args) -> int:
                   f"{args.image_size}px, {args.warmup} + {args.steps} steps", flush=True)
             results.append(bench_one(images, backend, decode, device, args))
     _print_table(results)
-    record = {**asdict(results[0]), "versions": _versions()} if len(results) == 1 else {
-        "runs": [asdict(r) for r in results], "versions": _versions()}
+    record = {**asdict(results[0]), "versions": versions()} if len(results) == 1 else {
+        "runs": [asdict(r) for r in results], "versions": versions()}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -35,6 +35,8 @@ from contextlib import nullcontext
 
 import torch
 
+from profiling.machine import device_name
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("reference", "compile", "triton")
 
@@ -153,19 +155,13 @@ def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: st
             notes.append("CPU: Triton ran in its interpreter; its times measure the interpreter, not the kernels")
     return {
         "config": {"batch_size": batch_size, "image_size": image_size, "patch": patch, "dtype": dtype,
-                   "device": str(device), "device_name": _device_name(device), "iters": iters, "warmup": warmup,
+                   "device": str(device), "device_name": device_name(device), "iters": iters, "warmup": warmup,
                    "torch": torch.__version__},
         "flop": {**flop, "formula": "forward = 50 * (3*H*W) * B^2 (GEMMs, 2*M*K*N each); backward = 2 x forward"},
         "matmul_bf16_tflops": peak,
         "results": results,
         "notes": notes,
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def format_table(report: dict) -> str:

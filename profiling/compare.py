@@ -37,12 +37,11 @@ import torch
 from profiling.harness import (
     batches,
     build_harness,
-    device_name,
     load_resolved,
     resident_views,
     run_steps,
-    versions,
 )
+from profiling.machine import device_name, versions
 from train.config import ConfigError
 
 IMAGENET_TRAIN_IMAGES = 1_281_167

@@ -308,30 +308,3 @@ def describe(cfg: Config) -> str:
     return (f"{cfg.method.name} {cfg.model.backbone}{saib}, batch {t.batch_size}, {cfg.data.image_size} px, "
             f"{t.precision}{', channels-last' if t.channels_last else ''}, compile {'on' if t.compile else 'off'}, "
             f"view prep {k.view_prep}")
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        from nvidia import dali
-
-        out["dali"] = dali.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        out["cuda"] = torch.version.cuda
-        out["cudnn"] = torch.backends.cudnn.version()
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-

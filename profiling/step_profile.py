@@ -43,7 +43,6 @@ from profiling.harness import (
     build_harness,
     compile_and_instrument,
     describe,
-    device_name,
     forward_step,
     resident_views,
     run_steps,
@@ -51,8 +50,8 @@ from profiling.harness import (
     synchronize,
     train_step,
     update_step,
-    versions,
 )
+from profiling.machine import device_name, versions
 
 
 def profile(cfg, images, steps: int = 20, warmup: int = 5, isolate_iters: int = 10,
