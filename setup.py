@@ -1,13 +1,30 @@
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+#: the repository's folders, each installed as iecl.<folder> (the folders keep
+#: the user's layout; one name on sys.path keeps them from colliding with a
+#: user's own model.py or train/)
+PARTS = ("pipeline", "kernels", "model", "train", "profiling")
+
+
+class BuildPy(build_py):
+    """The repository's root is the `iecl` package (its __init__, __main__ and
+    cli); this file is not part of it."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if not (package == "iecl" and m[1] == "setup")]
+
 
 setup(
     name="iecl",
     version="0.1.0",
     description="High-throughput IE-CL (Incremental-Entropy Contrastive Learning) pretraining for image encoders",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*", "kernels", "kernels.*", "model", "model.*",
-                                    "train", "train.*", "profiling", "profiling.*"]),
-    package_data={"train": ["configs/*.yaml"]},
+    package_dir={"iecl": "."},
+    packages=["iecl"] + ["iecl." + p for p in find_packages(include=[f for part in PARTS for f in (part, part + ".*")])],
+    package_data={"iecl.train": ["configs/*.yaml"]},
+    cmdclass={"build_py": BuildPy},
     # A range, so a GPU machine keeps its CUDA build of torch; CPU machines pin
     # the CPU build themselves (see README).
     install_requires=[
@@ -29,13 +46,5 @@ setup(
         # NVIDIA apex (optional fused optimizers) is built from NVIDIA's source,
         # never installed from the package index, whose "apex" is another project.
     },
-    entry_points={
-        "console_scripts": ["iecl=train.cli:main"],
-        # Subcommands that live outside train/ (profiling observes train, never the reverse).
-        "iecl.commands": [
-            "bench=profiling.cli:register",
-            "profile=profiling.cli:register_profile",
-            "compare=profiling.cli:register_compare",
-        ],
-    },
+    entry_points={"console_scripts": ["iecl=iecl.cli:main"]},
 )

@@ -8,8 +8,8 @@ chosen when a kernel is decorated, so `TRITON_INTERPRET=1` must be set before
 `kernels.saib_function` is imported. `triton_available` says whether they can run.
 """
 
-from kernels._triton import triton_available
-from kernels.saib_reference import SAIBParams, saib_reference, saib_reference_uint8
-from kernels.view_prep import prepare_view_reference
+from iecl.kernels._triton import triton_available
+from iecl.kernels.saib_reference import SAIBParams, saib_reference, saib_reference_uint8
+from iecl.kernels.view_prep import prepare_view_reference
 
 __all__ = ["SAIBParams", "prepare_view_reference", "saib_reference", "saib_reference_uint8", "triton_available"]

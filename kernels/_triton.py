@@ -32,7 +32,7 @@ def triton_available(device: torch.device | str) -> tuple[bool, str]:
         return False, f"Triton kernels do not run on {device.type} tensors"
     if not interpreting():
         return False, "on CPU the Triton kernels need TRITON_INTERPRET=1 (set before triton is imported)"
-    from kernels import saib_fwd  # decorated now if not before
+    from iecl.kernels import saib_fwd  # decorated now if not before
 
     if type(saib_fwd.saib_gemm_fwd_kernel).__name__ != "InterpretedFunction":
         return False, "TRITON_INTERPRET=1 was set after the kernels were imported; set it before starting Python"

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import empty, interpreting
-from kernels.saib_fwd import (
+from iecl.kernels._triton import empty, interpreting
+from iecl.kernels.saib_fwd import (
     _act_tile,
     _mma,
     _np2,

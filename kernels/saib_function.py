@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.saib_bwd import saib_backward
-from kernels.saib_fwd import saib_forward
-from kernels.saib_reference import SAIBParams
+from iecl.kernels.saib_bwd import saib_backward
+from iecl.kernels.saib_fwd import saib_forward
+from iecl.kernels.saib_reference import SAIBParams
 
 
 class _Config:

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import empty, interpreting
+from iecl.kernels._triton import empty, interpreting
 
 # ---------------------------------------------------------------- tile helpers
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.view_prep import prepare_view_reference
+from iecl.kernels.view_prep import prepare_view_reference
 
 
 class SAIBParams(NamedTuple):

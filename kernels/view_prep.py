@@ -33,13 +33,13 @@ def view_prep_impl(impl: str, device: torch.device):
         return prepare_view_reference
     if impl != "triton":
         raise ValueError(f"view_prep impl must be 'reference' or 'triton', got {impl!r}")
-    from kernels._triton import triton_available, warn_fallback
+    from iecl.kernels._triton import triton_available, warn_fallback
 
     ok, reason = triton_available(device)
     if not ok:
         warn_fallback("kernels.view_prep=triton", reason)
         return prepare_view_reference
-    from kernels.view_prep_triton import prepare_view_triton  # imports triton
+    from iecl.kernels.view_prep_triton import prepare_view_triton  # imports triton
 
     return prepare_view_triton
 

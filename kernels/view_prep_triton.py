@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import empty
+from iecl.kernels._triton import empty
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from model.losses.entropy import Renyi2Entropy
+from iecl.model.losses.entropy import Renyi2Entropy
 
 _RENYI2 = Renyi2Entropy()
 

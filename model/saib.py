@@ -31,15 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels._triton import triton_available, warn_fallback
-from kernels.saib_reference import (
+from iecl.kernels._triton import triton_available, warn_fallback
+from iecl.kernels.saib_reference import (
     SAIBParams,
     compiled_saib_reference,
     patchify,
     saib_reference,
     unpatchify,
 )
-from kernels.view_prep import prepare_view_reference
+from iecl.kernels.view_prep import prepare_view_reference
 
 #: "reference": this module's code; "triton": the fused kernels (kernels/saib_function.py),
 #: falling back to the reference with one warning where Triton cannot run;
@@ -114,7 +114,7 @@ class SAIB(nn.Module):
                 f"got {query.dtype} {tuple(query.shape)}"
             )
         if self.impl == "triton" and self._triton_runs(query.device):
-            from kernels.saib_function import saib_triton_uint8  # imports triton
+            from iecl.kernels.saib_function import saib_triton_uint8  # imports triton
 
             return saib_triton_uint8(query, mean, std, dtype, self.functional_params(), self.patch_size,
                                      *self._bn_config())
@@ -145,7 +145,7 @@ class SAIB(nn.Module):
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "triton" and self._triton_runs(x.device):
-            from kernels.saib_function import saib_triton  # imports triton
+            from iecl.kernels.saib_function import saib_triton  # imports triton
 
             return saib_triton(x, self.functional_params(), self.patch_size, *self._bn_config())
         fn = compiled_saib_reference() if self.impl == "compile" else saib_reference

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.augment import RECIPES, get_recipe
-from pipeline.errors import DataError
-from pipeline.folder import ImageList, scan_image_folder
-from pipeline.sources import BetonFile, open_images
-from pipeline.views import MEAN_255, STD_255, ViewBatch
+from iecl.pipeline.augment import RECIPES, get_recipe
+from iecl.pipeline.errors import DataError
+from iecl.pipeline.folder import ImageList, scan_image_folder
+from iecl.pipeline.sources import BetonFile, open_images
+from iecl.pipeline.views import MEAN_255, STD_255, ViewBatch
 
 BACKENDS = ("pil", "dali", "ffcv")
 
@@ -50,17 +50,17 @@ def build_loader(
     if backend == "ffcv":
         if not isinstance(images, BetonFile):
             raise DataError(f"data.backend=ffcv reads .beton files; convert first: iecl convert {images.root} OUT.beton")
-        from pipeline.ffcv import FfcvLoader
+        from iecl.pipeline.ffcv import FfcvLoader
 
         return FfcvLoader(images.path, **common)
     if isinstance(images, BetonFile):
         raise DataError(f"{images.path} is an FFCV file: set data.backend=ffcv")
     if backend == "pil":
-        from pipeline.reference import ReferenceLoader
+        from iecl.pipeline.reference import ReferenceLoader
 
         return ReferenceLoader(images, **common)
     if backend == "dali":
-        from pipeline.dali import DaliLoader
+        from iecl.pipeline.dali import DaliLoader
 
         return DaliLoader(images, decode=decode, **common)
     raise ValueError(f"unknown data backend {backend!r}; choose one of {BACKENDS}")

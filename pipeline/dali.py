@@ -55,12 +55,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rngs
-from pipeline.errors import DataError
-from pipeline.folder import ImageList
-from pipeline.sampler import EpochBatchSampler
-from pipeline.validate import DECODE_ERRORS
-from pipeline.views import ViewBatch
+from iecl.pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rngs
+from iecl.pipeline.errors import DataError
+from iecl.pipeline.folder import ImageList
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.validate import DECODE_ERRORS
+from iecl.pipeline.views import ViewBatch
 
 DECODE_MODES = ("shared", "window")
 INSTALL_HINT = (

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.augment import ViewParams
+from iecl.pipeline.augment import ViewParams
 
 #: Box passes of PIL's GaussianBlur (ImagingGaussianBlur's `passes`).
 BLUR_PASSES = 3

@@ -30,13 +30,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from kernels.view_prep import prepare_view_reference
-from pipeline.augment import sample_crop
-from pipeline.errors import DataError
-from pipeline.folder import ImageList
-from pipeline.reference import _ignore_sigint, decode_rgb
-from pipeline.validate import DECODE_ERRORS, describe
-from pipeline.views import MEAN_255, STD_255
+from iecl.kernels.view_prep import prepare_view_reference
+from iecl.pipeline.augment import sample_crop
+from iecl.pipeline.errors import DataError
+from iecl.pipeline.folder import ImageList
+from iecl.pipeline.reference import _ignore_sigint, decode_rgb
+from iecl.pipeline.validate import DECODE_ERRORS, describe
+from iecl.pipeline.views import MEAN_255, STD_255
 
 #: Random-resized-crop area range of the linear probe's training views (MoCo's protocol).
 TRAIN_CROP_SCALE = (0.08, 1.0)

@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rngs
-from pipeline.device_augment import augment_batch, stack_params
-from pipeline.errors import DataError
-from pipeline.folder import ImageList
-from pipeline.sampler import EpochBatchSampler
-from pipeline.views import ViewBatch
+from iecl.pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rngs
+from iecl.pipeline.device_augment import augment_batch, stack_params
+from iecl.pipeline.errors import DataError
+from iecl.pipeline.folder import ImageList
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.views import ViewBatch
 
 INSTALL_HINT = "apt-get install libturbojpeg0-dev libopencv-dev pkg-config; pip install ffcv"
 
@@ -91,7 +91,7 @@ class _ReadableImages:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        from pipeline.reference import decode_rgb
+        from iecl.pipeline.reference import decode_rgb
 
         img = decode_rgb(self.images.read(i))
         return np.asarray(img), self.images.samples[i][1], img.width, img.height
@@ -178,7 +178,7 @@ def convert(
     _ffcv()
     from ffcv.fields import IntField, RGBImageField
 
-    from pipeline.validate import validate_images
+    from iecl.pipeline.validate import validate_images
 
     start = time.perf_counter()
     out = Path(out_path).expanduser()

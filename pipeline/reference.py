@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import ViewRecipe, two_views, view_rngs
-from pipeline.errors import DataError
-from pipeline.folder import ImageList
-from pipeline.sampler import EpochBatchSampler
-from pipeline.validate import DECODE_ERRORS, describe
-from pipeline.views import ViewBatch
+from iecl.pipeline.augment import ViewRecipe, two_views, view_rngs
+from iecl.pipeline.errors import DataError
+from iecl.pipeline.folder import ImageList
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.validate import DECODE_ERRORS, describe
+from iecl.pipeline.views import ViewBatch
 
 
 def decode_rgb(data: bytes) -> Image.Image:

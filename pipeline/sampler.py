@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline.errors import DataError
+from iecl.pipeline.errors import DataError
 
 
 class EpochBatchSampler:

@@ -26,8 +26,13 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import DataError
-from pipeline.folder import IMAGE_EXTENSIONS, UNLABELED, ImageList, scan_image_folder
+from iecl.pipeline.errors import DataError
+from iecl.pipeline.folder import (
+    IMAGE_EXTENSIONS,
+    UNLABELED,
+    ImageList,
+    scan_image_folder,
+)
 
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv"})
 TAR_IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -50,7 +55,7 @@ class BetonFile:
 
 
 def open_beton(path: str | os.PathLike) -> BetonFile:
-    from pipeline.ffcv import beton_info
+    from iecl.pipeline.ffcv import beton_info
 
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.errors import DataError
+from iecl.pipeline.errors import DataError
 
 MANIFEST = "manifest.json"
 GENERATOR_VERSION = 1

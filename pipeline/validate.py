@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.folder import IMAGE_EXTENSIONS, ImageList
-from pipeline.sources import open_images
-from pipeline.synthetic import MANIFEST
+from iecl.pipeline.folder import IMAGE_EXTENSIONS, ImageList
+from iecl.pipeline.sources import open_images
+from iecl.pipeline.synthetic import MANIFEST
 
 # What PIL raises for files it cannot decode: unknown format, truncated data,
 # decompression bombs, corrupt headers.

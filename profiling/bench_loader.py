@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline import DataError, build_loader, open_images
-from pipeline.sources import open_beton
-from profiling.machine import versions
+from iecl.pipeline import DataError, build_loader, open_images
+from iecl.pipeline.sources import open_beton
+from iecl.profiling.machine import versions
 
 
 @dataclass
@@ -141,7 +141,7 @@ def _beton_for(data: str, args) -> str:
     """A .beton for `data`: itself, or a cached conversion of the folder."""
     if data.endswith(".beton"):
         return data
-    from pipeline.ffcv import convert
+    from iecl.pipeline.ffcv import convert
 
     key = hashlib.sha1(f"{os.path.abspath(data)}|{args.image_size}".encode()).hexdigest()[:12]
     beton = Path(args.beton or Path("~/.cache/iecl/bench").expanduser() / f"{Path(data).name}-{key}.beton")

@@ -35,7 +35,7 @@ from contextlib import nullcontext
 
 import torch
 
-from profiling.machine import device_name
+from iecl.profiling.machine import device_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("reference", "compile", "triton")
@@ -110,7 +110,7 @@ def matmul_tflops(device: torch.device, iters: int, warmup: int) -> float:
 def _prepare_triton(device: torch.device) -> tuple[bool, str]:
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
-    from kernels._triton import triton_available
+    from iecl.kernels._triton import triton_available
 
     return triton_available(device)
 
@@ -124,10 +124,12 @@ def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: st
     notes = []
     triton_ok, why = _prepare_triton(device) if "triton" in impls else (False, "not requested")
     # After _prepare_triton, so that on a CPU the kernels see TRITON_INTERPRET=1.
-    from model.saib import SAIB
+    from iecl.model.saib import SAIB
 
     torch.manual_seed(0)
-    base = SAIB(batch_size, (image_size, image_size), patch).to(device)
+    # Channels-last weights, as the training step has them (train.loop converts the
+    # whole method): with OIHW weights the 3x3's weight loads would be strided gathers.
+    base = SAIB(batch_size, (image_size, image_size), patch).to(device, memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(torch_dtype)
     x = x.contiguous(memory_format=torch.channels_last)  # what the view preparation hands over
     autocast = torch.autocast(device.type, dtype=torch_dtype) if torch_dtype != torch.float32 else nullcontext()
@@ -141,7 +143,7 @@ def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: st
         if impl == "compile" and device.type == "cpu" and not compile_on_cpu:
             notes.append("compile skipped on CPU (minutes to compile; --compile-on-cpu to include)")
             continue
-        saib = SAIB(batch_size, (image_size, image_size), patch, impl=impl).to(device)
+        saib = SAIB(batch_size, (image_size, image_size), patch, impl=impl).to(device, memory_format=torch.channels_last)
         saib.load_state_dict(base.state_dict())
         row = _time_phases(saib, x, autocast, iters, warmup, device)
         for phase in ("forward", "backward", "forward_backward"):
@@ -156,6 +158,7 @@ def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: st
     return {
         "config": {"batch_size": batch_size, "image_size": image_size, "patch": patch, "dtype": dtype,
                    "device": str(device), "device_name": device_name(device), "iters": iters, "warmup": warmup,
+                   "weights": "channels_last",
                    "torch": torch.__version__},
         "flop": {**flop, "formula": "forward = 50 * (3*H*W) * B^2 (GEMMs, 2*M*K*N each); backward = 2 x forward"},
         "matmul_bf16_tflops": peak,
@@ -198,7 +201,7 @@ def run_args(args: argparse.Namespace) -> dict:
     impls = tuple(impl for impl in args.impls.split(",") if impl)
     unknown = set(impls) - set(IMPLS)
     if unknown:
-        from train.config import (
+        from iecl.train.config import (
             ConfigError,  # a one-line user error at the command line
         )
 

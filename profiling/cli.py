@@ -1,5 +1,5 @@
-"""The `iecl bench ...`, `iecl profile` and `iecl compare` commands, registered
-through the `iecl.commands` entry point."""
+"""The `iecl bench ...`, `iecl profile` and `iecl compare` commands; iecl.cli
+adds them to the `iecl` command (COMMANDS)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def register(commands) -> None:
         "saib", help="SAIB kernels against the reference and torch.compile", description=SAIB_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from profiling.bench_saib import add_arguments
+    from iecl.profiling.bench_saib import add_arguments
 
     add_arguments(p)
     p.set_defaults(run=_run_saib)
@@ -116,20 +116,20 @@ def register_profile(commands) -> None:
 
 
 def _run_profile(args) -> int:
-    from profiling.step_profile import run_args
+    from iecl.profiling.step_profile import run_args
 
     return run_args(args)
 
 
 def _run_saib(args) -> int:
-    from profiling.bench_saib import run_args
+    from iecl.profiling.bench_saib import run_args
 
     run_args(args)
     return 0
 
 
 def _run_loader(args) -> int:
-    from profiling.bench_loader import main
+    from iecl.profiling.bench_loader import main
 
     return main(args)
 
@@ -152,7 +152,7 @@ method. Writes compare.md, compare.json and compare.png (the paper's Figures
 
 
 def register_compare(commands) -> None:
-    from profiling.compare import IMAGENET_TRAIN_IMAGES, METHODS, SAIB_MODES
+    from iecl.profiling.compare import IMAGENET_TRAIN_IMAGES, METHODS, SAIB_MODES
 
     p = commands.add_parser(
         "compare", help="epoch time of every method with and without SAIB (table, JSON, chart)",
@@ -169,6 +169,10 @@ def register_compare(commands) -> None:
 
 
 def _run_compare(args) -> int:
-    from profiling.compare import run_args
+    from iecl.profiling.compare import run_args
 
     return run_args(args)
+
+
+#: what iecl.cli registers, in the order `iecl --help` lists them
+COMMANDS = (register, register_profile, register_compare)

@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from profiling.harness import (
+from iecl.profiling.harness import (
     batches,
     build_harness,
     load_resolved,
     resident_views,
     run_steps,
 )
-from profiling.machine import device_name, versions
-from train.config import ConfigError
+from iecl.profiling.machine import device_name, versions
+from iecl.train.config import ConfigError
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 METHODS = ("iecl", "mocov2", "simclr", "byol", "simsiam")
@@ -109,8 +109,11 @@ def measure(cfg, images, steps: int, warmup: int, epoch_images: int) -> dict:
 
 
 def compare(config: str | None, overrides: list[str], methods=METHODS, saib: str = "both", images=None,
-            steps: int = 20, warmup: int = 5, epoch_images: int = IMAGENET_TRAIN_IMAGES, log=print) -> dict:
-    """Every (method, SAIB) row and the SAIB overheads, as one JSON-serialisable dict."""
+            steps: int = 20, warmup: int = 5, epoch_images: int = IMAGENET_TRAIN_IMAGES, log=print,
+            on_row=None) -> dict:
+    """Every (method, SAIB) row and the SAIB overheads, as one JSON-serialisable
+    dict. `on_row(result so far)` is called after each row (iecl report saves
+    it, so that a run stopped by its time budget keeps the rows it finished)."""
     for text in overrides:
         if text.split("=", 1)[0].strip() in ("method.name", "saib.enabled"):
             raise ConfigError(f"{text}: iecl compare sets method.name and saib.enabled itself; "
@@ -125,6 +128,12 @@ def compare(config: str | None, overrides: list[str], methods=METHODS, saib: str
             except torch.cuda.OutOfMemoryError as err:  # one configuration too big: keep the others
                 log(f"iecl compare: {method} {'+SAIB' if enabled else 'without SAIB'}: out of memory, skipped")
                 rows.append({"method": method, "saib": enabled, "error": f"out of memory: {str(err).splitlines()[0]}"})
+            if on_row is not None:
+                on_row(_result(cfg, rows, images, steps, warmup, epoch_images))
+    return _result(cfg, rows, images, steps, warmup, epoch_images)
+
+
+def _result(cfg, rows: list[dict], images, steps: int, warmup: int, epoch_images: int) -> dict:
     t = cfg.train
     return {
         "backbone": cfg.model.backbone, "batch_size": t.batch_size, "image_size": cfg.data.image_size,
@@ -259,7 +268,7 @@ def write(r: dict, out: Path) -> dict[str, Path]:
 
 
 def run_args(args) -> int:
-    from train.data import resolve_images
+    from iecl.train.data import resolve_images
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

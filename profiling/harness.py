@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.view_prep import ViewPrep
-from model.methods import Method
-from pipeline import MEAN_255, STD_255
-from train.config import Config, load_config, resolve_runtime, validate
-from train.faults import NonFiniteGuard
-from train.loop import DTYPES, build, build_model
-from train.optim import set_lr, warmup_cosine
+from iecl.kernels.view_prep import ViewPrep
+from iecl.model.methods import Method
+from iecl.pipeline import MEAN_255, STD_255
+from iecl.train.config import Config, load_config, resolve_runtime, validate
+from iecl.train.faults import NonFiniteGuard
+from iecl.train.loop import DTYPES, build, build_model
+from iecl.train.optim import set_lr, warmup_cosine
 
 #: the stages of a step, in timeline order, with their table labels
 STAGES = {

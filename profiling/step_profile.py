@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from profiling.bench_saib import matmul_tflops
-from profiling.harness import (
+from iecl.profiling.bench_saib import matmul_tflops
+from iecl.profiling.harness import (
     STAGES,
     Harness,
     backward_step,
@@ -51,7 +51,7 @@ from profiling.harness import (
     train_step,
     update_step,
 )
-from profiling.machine import device_name, versions
+from iecl.profiling.machine import device_name, versions
 
 
 def profile(cfg, images, steps: int = 20, warmup: int = 5, isolate_iters: int = 10,
@@ -260,8 +260,8 @@ def format_report(r: dict) -> str:
 
 
 def run_args(args) -> int:
-    from profiling.harness import load_resolved
-    from train.data import resolve_images
+    from iecl.profiling.harness import load_resolved
+    from iecl.train.data import resolve_images
 
     cfg = load_resolved(args.config, args.overrides)
     images = None if args.data_on_device else resolve_images(cfg.data, progress=not args.no_progress)

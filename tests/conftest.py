@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from pipeline.synthetic import SyntheticSpec, make_synthetic
-from train.config import Config, apply, resolve_runtime, validate
+from iecl.pipeline.synthetic import SyntheticSpec, make_synthetic
+from iecl.train.config import Config, apply, resolve_runtime, validate
 
 # Deterministic, comparable CPU numbers however many cores the machine has.
 THREADS = min(2, os.cpu_count() or 1)
@@ -53,15 +53,15 @@ def tiny_checkpoint(tiny_data, tmp_path_factory):
     """A run folder (with last.pt) of a 4-step IE-CL run on `tiny_data`, for the
     evaluation commands. Its backbone is a ResNet-18 barely trained: what it
     shows is that evaluation works end to end, not that pretraining helped."""
-    from train.loop import pretrain
+    from iecl.train.loop import pretrain
 
     out = tmp_path_factory.mktemp("runs")
     cfg = tiny_config(tiny_data, out, {"train": {"max_steps": 4}})
-    from train.run_dir import create_run_dir, write_run_files
+    from iecl.train.run_dir import create_run_dir, write_run_files
 
     run_dir = create_run_dir(cfg)
     write_run_files(run_dir, cfg, {"images": 48, "data_root": str(tiny_data)}, resumed=False)
-    from pipeline import open_images
+    from iecl.pipeline import open_images
 
     pretrain(cfg, run_dir, open_images(tiny_data), progress=False)
     return run_dir

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from pipeline import open_images
-from pipeline.sources import open_beton
-from train import checkpoint as ckpt
-from train.cli import main
-from train.loop import pretrain
-from train.metrics import read_metrics
+from iecl.cli import main
+from iecl.pipeline import open_images
+from iecl.pipeline.sources import open_beton
+from iecl.train import checkpoint as ckpt
+from iecl.train.loop import pretrain
+from iecl.train.metrics import read_metrics
 
 pytest.importorskip("nvidia.dali")
 if importlib.util.find_spec("ffcv") is None:  # importing ffcv itself would set torch to one thread
@@ -25,7 +25,7 @@ if importlib.util.find_spec("ffcv") is None:  # importing ffcv itself would set 
 
 @pytest.fixture(scope="module")
 def tiny_beton(tmp_path_factory, tiny_data):
-    from pipeline.ffcv import convert
+    from iecl.pipeline.ffcv import convert
 
     path = tmp_path_factory.mktemp("beton") / "tiny.beton"
     convert(open_images(tiny_data), path, max_resolution=256, workers=1, progress=False)

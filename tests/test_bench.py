@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from profiling.bench_loader import process_tree_rss
-from train.cli import main
+from iecl.cli import main
+from iecl.profiling.bench_loader import process_tree_rss
 
 
 def test_bench_loader_pil_writes_json(capsys, tmp_path, tiny_data):

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config, tiny_overrides
 
-from pipeline import scan_image_folder
-from pipeline.sampler import EpochBatchSampler
-from train import checkpoint as ckpt
-from train.cli import main
-from train.metrics import read_metrics
+from iecl.pipeline import scan_image_folder
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.train import checkpoint as ckpt
+from iecl.train.cli import main
+from iecl.train.metrics import read_metrics
 
 TINY = tiny_overrides()
 
@@ -157,10 +157,10 @@ def test_unwritable_metrics_log_is_refused_before_training(capsys, tmp_path, tin
 
 
 def test_too_little_disk_space_is_refused_before_training(capsys, tmp_path, tiny_data, monkeypatch):
-    import train.run_dir
+    from iecl.train import run_dir as run_dir_module
 
     free = 5 * 2**20  # a ResNet-18 IE-CL checkpoint with AdamW state is ~200 MB
-    monkeypatch.setattr(train.run_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - free, free))
+    monkeypatch.setattr(run_dir_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - free, free))
     out_dir = tmp_path / "runs"
     code, _out, err = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}")
     line = _one_line_error(err)
@@ -270,7 +270,7 @@ def test_sigterm_saves_and_exits_143(tmp_path, tiny_data):
     exit with status 143 and a loadable checkpoint at a step boundary."""
     out_dir = tmp_path / "runs"
     args = [*TINY, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.epochs=3"]
-    proc = subprocess.Popen([sys.executable, "-m", "train", "--no-progress", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "iecl.train", "--no-progress", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -295,7 +295,7 @@ def test_sigint_saves_at_a_step_boundary_and_resume_matches(tmp_path, tiny_data)
     args = [*TINY, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.epochs=3"]
     threads = str(min(2, os.cpu_count() or 1))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    command = [sys.executable, "-m", "train", "--no-progress"]
+    command = [sys.executable, "-m", "iecl.train", "--no-progress"]
     proc = subprocess.Popen([*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     metrics = None
@@ -320,7 +320,7 @@ def test_sigint_saves_at_a_step_boundary_and_resume_matches(tmp_path, tiny_data)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 19))
 
-    from train.loop import pretrain
+    from iecl.train.loop import pretrain
 
     reference = tmp_path / "reference"
     reference.mkdir()

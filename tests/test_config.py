@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from train.config import (
+from iecl.train.config import (
     CONFIG_DIR,
     Config,
     ConfigError,

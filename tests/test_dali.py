@@ -13,12 +13,12 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline import DataError, scan_image_folder
-from pipeline.augment import ViewRecipe, get_recipe
-from pipeline.dali import DaliLoader
-from pipeline.reference import ReferenceLoader
-from pipeline.sampler import EpochBatchSampler
-from pipeline.synthetic import SyntheticSpec, make_synthetic
+from iecl.pipeline import DataError, scan_image_folder
+from iecl.pipeline.augment import ViewRecipe, get_recipe
+from iecl.pipeline.dali import DaliLoader
+from iecl.pipeline.reference import ReferenceLoader
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.synthetic import SyntheticSpec, make_synthetic
 
 CPU = torch.device("cpu")
 MOCOV2 = get_recipe("mocov2")

@@ -17,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import (
+from iecl.pipeline.augment import (
     RECIPES,
     ViewParams,
     apply_view,
     sample_view_params,
     view_rngs,
 )
-from pipeline.device_augment import augment_batch, pil_box_kernel, stack_params
+from iecl.pipeline.device_augment import augment_batch, pil_box_kernel, stack_params
 
 SIZE = 24
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

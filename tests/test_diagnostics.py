@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from model.diagnostics import (
+from iecl.model.diagnostics import (
     diagnostics,
     effective_rank,
     infonce_mi_bound,
     infonce_mi_ceiling,
     renyi2_entropy,
 )
-from model.losses import InfoNCE, Renyi2Entropy
+from iecl.model.losses import InfoNCE, Renyi2Entropy
 
 
 def test_effective_rank_of_isotropic_gaussian_is_near_full():

@@ -26,14 +26,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import inject_nan, tiny_config, tiny_overrides
 
-from pipeline import DataError, open_images
-from train import checkpoint as ckpt
-from train import ddp
-from train import loop as loop_module
-from train.config import ConfigError
-from train.factory import load_pretrained
-from train.metrics import read_metrics
-from train.run_dir import RunDirError
+from iecl.pipeline import DataError, open_images
+from iecl.train import checkpoint as ckpt
+from iecl.train import ddp
+from iecl.train import loop as loop_module
+from iecl.train.config import ConfigError
+from iecl.train.factory import load_pretrained
+from iecl.train.metrics import read_metrics
+from iecl.train.run_dir import RunDirError
 
 WORLD = 2
 IMAGES = 50  # batch 8 x 2 ranks = 16 per step: 3 steps an epoch, 2 images dropped
@@ -131,11 +131,11 @@ def _run(phase: str, cfg, data: Path, out: Path, rank: int, state=None, stop_at=
 def _refused_on_rank0(cfg, data: Path, out: Path, rank: int) -> dict:
     """Rank 0 finds the disk full before training: both ranks must refuse (not
     one refuse and the other wait for it in DDP's first collective)."""
-    import train.run_dir
+    from iecl.train import run_dir as run_dir_module
 
-    real = train.run_dir.shutil.disk_usage
+    real = run_dir_module.shutil.disk_usage
     if rank == 0:
-        train.run_dir.shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
+        run_dir_module.shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
     run_dir = out / f"no-space-rank{rank}"
     run_dir.mkdir()
     try:
@@ -143,7 +143,7 @@ def _refused_on_rank0(cfg, data: Path, out: Path, rank: int) -> dict:
     except RunDirError as err:
         return {"error": str(err), "type": type(err).__name__}
     finally:
-        train.run_dir.shutil.disk_usage = real
+        run_dir_module.shutil.disk_usage = real
     return {}
 
 
@@ -274,7 +274,7 @@ def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     threads = str(max(1, min(2, os.cpu_count() or 1) // WORLD))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-               "-m", "train", "--no-progress", *args]
+               "-m", "iecl.train", "--no-progress", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -354,8 +354,8 @@ def test_each_backend_shards_by_rank_and_resumes_mid_epoch(backend, id_list, tmp
 
         if importlib.util.find_spec("ffcv") is None:  # importing ffcv would set torch to one thread
             pytest.skip("ffcv is not installed")
-        from pipeline.ffcv import convert
-        from pipeline.sources import open_beton
+        from iecl.pipeline.ffcv import convert
+        from iecl.pipeline.sources import open_beton
 
         root = tmp_path / "ids.beton"
         convert(open_images(id_list), root, max_resolution=64, workers=1, progress=False)

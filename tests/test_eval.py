@@ -13,20 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import DataError, open_images
-from pipeline.eval_views import (
+from iecl.pipeline import DataError, open_images
+from iecl.pipeline.eval_views import (
     EvalBatchSampler,
     EvalLoader,
     augmented_view,
     center_view,
     view_rng,
 )
-from pipeline.reference import decode_rgb
-from pipeline.views import MEAN_255, STD_255
-from train.cli import main
-from train.eval_data import labelled_splits, subset
-from train.knn import knn_accuracy, knn_evaluate
-from train.lineval import cosine_lr, linear_eval, probe_accuracy, train_probe
+from iecl.pipeline.reference import decode_rgb
+from iecl.pipeline.views import MEAN_255, STD_255
+from iecl.train.cli import main
+from iecl.train.eval_data import labelled_splits, subset
+from iecl.train.knn import knn_accuracy, knn_evaluate
+from iecl.train.lineval import cosine_lr, linear_eval, probe_accuracy, train_probe
 
 SIZE = 32
 
@@ -311,11 +311,11 @@ def test_lineval_command_augmented(tiny_data, tiny_checkpoint, tmp_path):
 
 
 def test_lineval_feature_cache_is_reused(tiny_data, tiny_checkpoint, tmp_path, monkeypatch):
-    import train.lineval
+    from iecl.train import lineval
 
     calls = []
-    real = train.lineval.image_features
-    monkeypatch.setattr(train.lineval, "image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lineval.image_features
+    monkeypatch.setattr(lineval, "image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache, out = tmp_path / "feats.pt", tmp_path / "cached.json"
     argv = ["lineval", str(tiny_checkpoint), "--data", str(tiny_data), "--val-fraction", "0.25",
             "--epochs", "2", "--cached", "--feature-cache", str(cache), "--json", str(out)]

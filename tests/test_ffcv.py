@@ -17,12 +17,12 @@ import torch
 if importlib.util.find_spec("ffcv") is None:  # importing ffcv itself would set torch to one thread
     pytest.skip("ffcv is not installed", allow_module_level=True)
 
-from pipeline import DataError, scan_image_folder
-from pipeline.augment import get_recipe
-from pipeline.ffcv import FfcvLoader, beton_info, convert, read_labels
-from pipeline.reference import ReferenceLoader
-from pipeline.sampler import EpochBatchSampler
-from pipeline.synthetic import SyntheticSpec, make_synthetic
+from iecl.pipeline import DataError, scan_image_folder
+from iecl.pipeline.augment import get_recipe
+from iecl.pipeline.ffcv import FfcvLoader, beton_info, convert, read_labels
+from iecl.pipeline.reference import ReferenceLoader
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.synthetic import SyntheticSpec, make_synthetic
 
 # numba's dispatcher finalizers raise a harmless KeyError when an FFCV loader's
 # compiled functions are freed (as they do for FFCV's own decoders).

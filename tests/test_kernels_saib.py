@@ -22,11 +22,11 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernels import _triton
-from kernels.saib_function import saib_triton, saib_triton_uint8
-from kernels.saib_reference import SAIBParams, saib_reference, saib_reference_uint8
-from model.saib import SAIB
-from pipeline import MEAN_255, STD_255
+from iecl.kernels import _triton
+from iecl.kernels.saib_function import saib_triton, saib_triton_uint8
+from iecl.kernels.saib_reference import SAIBParams, saib_reference, saib_reference_uint8
+from iecl.model.saib import SAIB
+from iecl.pipeline import MEAN_255, STD_255
 
 if not _triton.triton_available(DEVICE)[0]:
     pytest.skip(f"Triton cannot run here: {_triton.triton_available(DEVICE)[1]}", allow_module_level=True)
@@ -38,7 +38,7 @@ FP32_TOL = 2e-5
 def _kernels_parsed():
     from conftest import rewrite_interpreted_kernels
 
-    from kernels import saib_bwd, saib_fwd
+    from iecl.kernels import saib_bwd, saib_fwd
 
     rewrite_interpreted_kernels(saib_fwd, saib_bwd)
 

@@ -17,10 +17,10 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernels import _triton
-from kernels.view_prep import prepare_view_reference
-from kernels.view_prep_triton import prepare_view_triton
-from pipeline import MEAN_255, STD_255
+from iecl.kernels import _triton
+from iecl.kernels.view_prep import prepare_view_reference
+from iecl.kernels.view_prep_triton import prepare_view_triton
+from iecl.pipeline import MEAN_255, STD_255
 
 if not _triton.triton_available(DEVICE)[0]:
     pytest.skip(f"Triton cannot run here: {_triton.triton_available(DEVICE)[1]}", allow_module_level=True)
@@ -30,7 +30,7 @@ if not _triton.triton_available(DEVICE)[0]:
 def _kernels_parsed():
     from conftest import rewrite_interpreted_kernels
 
-    from kernels import view_prep_triton
+    from iecl.kernels import view_prep_triton
 
     rewrite_interpreted_kernels(view_prep_triton)
 

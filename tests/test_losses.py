@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import CodingRateEntropy, GaussianKL, InfoNCE, Renyi2Entropy
+from iecl.model.losses import CodingRateEntropy, GaussianKL, InfoNCE, Renyi2Entropy
 
 
 def test_infonce_hand_computed():

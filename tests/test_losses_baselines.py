@@ -11,9 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from model import distributed
-from model.losses import NegativeCosineSimilarity, NormalizedMSE, NTXent, QueueInfoNCE
-from model.methods.mocov2 import KeyQueue
+from iecl.model import distributed
+from iecl.model.losses import (
+    NegativeCosineSimilarity,
+    NormalizedMSE,
+    NTXent,
+    QueueInfoNCE,
+)
+from iecl.model.methods.mocov2 import KeyQueue
 
 # ------------------------------------------------------------------ NT-Xent
 

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from kernels.view_prep import ViewPrep
-from model.losses import QueueInfoNCE
-from model.methods import BYOL, METHODS, Method, MoCoV2, SimCLR, SimSiam
-from model.methods.byol import byol_momentum
-from pipeline import MEAN_255, STD_255
-from train.config import Config, apply, validate
-from train.factory import method_from_config
+from iecl.kernels.view_prep import ViewPrep
+from iecl.model.losses import QueueInfoNCE
+from iecl.model.methods import BYOL, METHODS, Method, MoCoV2, SimCLR, SimSiam
+from iecl.model.methods.byol import byol_momentum
+from iecl.pipeline import MEAN_255, STD_255
+from iecl.train.config import Config, apply, validate
+from iecl.train.factory import method_from_config
 
 CPU = torch.device("cpu")
 BATCH, SIZE, OUT = 8, 32, 32

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from train.cli import main
-from train.mi import PairSampler, estimate_mi, nt_xent, train_critic
+from iecl.train.cli import main
+from iecl.train.mi import PairSampler, estimate_mi, nt_xent, train_critic
 
 LOG2 = math.log(2)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.config import ConfigError, OptimConfig
-from train.optim import LARS, build_optimizer, scaled_lr
+from iecl.train.config import ConfigError, OptimConfig
+from iecl.train.optim import LARS, build_optimizer, scaled_lr
 
 
 def _reference_lars_step(params, bufs, lr, momentum, weight_decay, eta):

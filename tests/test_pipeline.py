@@ -11,11 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import DataError, build_loader, scan_image_folder
-from pipeline.augment import RECIPES, get_recipe, sample_crop
-from pipeline.folder import UNLABELED
-from pipeline.sampler import EpochBatchSampler
-from pipeline.synthetic import MANIFEST, SyntheticSpec, make_synthetic, render_image
+from iecl.pipeline import DataError, build_loader, scan_image_folder
+from iecl.pipeline.augment import RECIPES, get_recipe, sample_crop
+from iecl.pipeline.folder import UNLABELED
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.synthetic import (
+    MANIFEST,
+    SyntheticSpec,
+    make_synthetic,
+    render_image,
+)
 
 CPU = torch.device("cpu")
 

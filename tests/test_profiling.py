@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from pipeline import open_images
-from profiling.compare import (
+from iecl.cli import main
+from iecl.pipeline import open_images
+from iecl.profiling.compare import (
     added_percent,
     compare,
     epoch_seconds,
@@ -22,10 +23,14 @@ from profiling.compare import (
     steps_per_epoch,
     write,
 )
-from profiling.harness import build_harness, forward_step, load_resolved, resident_views
-from profiling.step_profile import format_report, profile
-from train.cli import main
-from train.config import ConfigError
+from iecl.profiling.harness import (
+    build_harness,
+    forward_step,
+    load_resolved,
+    resident_views,
+)
+from iecl.profiling.step_profile import format_report, profile
+from iecl.train.config import ConfigError
 
 ISOLATED = ("view_prep", "online_fwd", "backward", "optimizer", "momentum")
 
@@ -86,7 +91,7 @@ def test_profile_stages_follow_the_method():
 
 
 def test_step_flop_counts_the_reference_saib_and_restores_the_switch():
-    from profiling.harness import step_flop
+    from iecl.profiling.harness import step_flop
 
     cfg = _cfg("saib.enabled=true")
     h = build_harness(cfg)
@@ -179,7 +184,7 @@ def test_compare_refuses_what_it_sets_itself():
 
 
 def test_compare_keeps_going_past_an_out_of_memory_configuration(monkeypatch, tmp_path):
-    import profiling.compare as compare_module
+    import iecl.profiling.compare as compare_module
 
     real = compare_module.measure
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.resnet import build_backbone
+from iecl.model.resnet import build_backbone
 
 # torchvision's resnet18 / resnet50 parameter counts (11,689,512 and 25,557,032)
 # minus their `fc` classifiers (512*1000+1000 and 2048*1000+1000).

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.methods import build_method
-from model.saib import SAIB, patchify, unpatchify
+from iecl.model.methods import build_method
+from iecl.model.saib import SAIB, patchify, unpatchify
 
 
 @pytest.mark.parametrize("batch,channels_hw,patch", [(4, (32, 48), 8), (3, (16, 16), 4), (5, (64, 32), 16)])

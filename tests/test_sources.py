@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import DataError, build_loader, open_images
-from pipeline.folder import UNLABELED
-from pipeline.reference import decode_rgb
-from pipeline.sampler import EpochBatchSampler
-from pipeline.sources import expand_braces
-from pipeline.validate import validate_images
-from train.cli import main
+from iecl.pipeline import DataError, build_loader, open_images
+from iecl.pipeline.folder import UNLABELED
+from iecl.pipeline.reference import decode_rgb
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.sources import expand_braces
+from iecl.pipeline.validate import validate_images
+from iecl.train.cli import main
 
 CPU = torch.device("cpu")
 

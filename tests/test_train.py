@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import inject_nan, tiny_config
 
-from kernels.view_prep import prepare_view_reference
-from pipeline import MEAN_255, STD_255, scan_image_folder
-from train import checkpoint as ckpt
-from train.loop import build, pretrain
-from train.metrics import read_metrics
-from train.optim import warmup_cosine
+from iecl.kernels.view_prep import prepare_view_reference
+from iecl.pipeline import MEAN_255, STD_255, scan_image_folder
+from iecl.train import checkpoint as ckpt
+from iecl.train.loop import build, pretrain
+from iecl.train.metrics import read_metrics
+from iecl.train.optim import warmup_cosine
 
 CPU = torch.device("cpu")
 MEAN, STD = torch.tensor(MEAN_255), torch.tensor(STD_255)
@@ -174,7 +174,7 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):
-    from train.metrics import MetricsLog
+    from iecl.train.metrics import MetricsLog
 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)))
     log = MetricsLog(tmp_path, resume_step=5)
@@ -187,7 +187,7 @@ def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data):
     interpreter falls back to the reference with one warning."""
     import warnings
 
-    from kernels.view_prep import prepare_view_reference, view_prep_impl
+    from iecl.kernels.view_prep import prepare_view_reference, view_prep_impl
 
     cfg = tiny_config(tiny_data, tmp_path, {"kernels": {"saib_impl": "compile"}})
     method, *_ = build(cfg, scan_image_folder(tiny_data), CPU)
@@ -202,7 +202,7 @@ def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data):
 def test_step_on_views_equals_training_step_on_prepared_views(tiny_data, tmp_path):
     """The loop's entry point (uint8 views, preparation inside the method, the
     query's fused into SAIB) computes exactly what training_step computes."""
-    from kernels.view_prep import ViewPrep
+    from iecl.kernels.view_prep import ViewPrep
 
     cfg = tiny_config(tiny_data, tmp_path)
     method, loader, *_ = build(cfg, scan_image_folder(tiny_data), CPU)
@@ -242,8 +242,8 @@ def test_logged_rows_carry_the_diagnostics_and_the_knn_monitor(tiny_data, tmp_pa
 
 
 def test_knn_monitor_refuses_unlabelled_data_before_training(tmp_path, sixteen_images):
-    from train.config import ConfigError
-    from train.monitor import knn_splits
+    from iecl.train.config import ConfigError
+    from iecl.train.monitor import knn_splits
 
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -259,7 +259,7 @@ def test_knn_monitor_refuses_unlabelled_data_before_training(tmp_path, sixteen_i
 def test_a_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
     """Step 3's loss is NaN: no update is made that step (the weights after it
     equal the weights before it), the step counts, and the run finishes."""
-    from train import loop
+    from iecl.train import loop
 
     built = {}
 
@@ -284,8 +284,8 @@ def test_a_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatc
 
 
 def test_persistent_nonfinite_losses_stop_the_run_with_the_weights_from_before(tiny_data, tmp_path, monkeypatch):
-    from train import loop
-    from train.faults import NonFiniteLoss
+    from iecl.train import loop
+    from iecl.train.faults import NonFiniteLoss
 
     loop_build = loop.build
     kept = {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.view_prep import prepare_view_reference
-from pipeline import MEAN_255, STD_255
+from iecl.kernels.view_prep import prepare_view_reference
+from iecl.pipeline import MEAN_255, STD_255
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,7 +1,7 @@
-"""`python -m train ...` is `iecl pretrain ...` (what torchrun launches)."""
+"""`python -m iecl.train ...` is `iecl pretrain ...` (what torchrun launches)."""
 
 import sys
 
-from train.cli import main
+from iecl.train.cli import main
 
 sys.exit(main(["pretrain", *sys.argv[1:]]))

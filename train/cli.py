@@ -14,14 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import DataError
-from train.checkpoint import CheckpointError
-from train.cli_data import add_commands as add_data_commands
-from train.cli_eval import add_commands as add_eval_commands
-from train.cli_mi import add_commands as add_mi_commands
-from train.config import ConfigError
-from train.faults import NonFiniteLoss
-from train.run_dir import RunDirError
+from iecl.pipeline.errors import DataError
+from iecl.train.checkpoint import CheckpointError
+from iecl.train.cli_data import add_commands as add_data_commands
+from iecl.train.cli_eval import add_commands as add_eval_commands
+from iecl.train.cli_mi import add_commands as add_mi_commands
+from iecl.train.config import ConfigError
+from iecl.train.faults import NonFiniteLoss
+from iecl.train.run_dir import RunDirError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLoss)
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -41,7 +41,7 @@ shipped config and override what differs:
   iecl pretrain --config byol_r50 data.root=/data/imagenet/train saib.enabled=true
   iecl pretrain method.name=simclr saib.enabled=false        # a baseline's smoke run
   iecl pretrain --resume runs/iecl-resnet50-20261125-101500
-  torchrun --nproc_per_node=8 -m train --config imagenet_r50 data.root=/data/imagenet/train
+  torchrun --nproc_per_node=8 -m iecl.train --config imagenet_r50 data.root=/data/imagenet/train
 
 Under torchrun each process is one rank (one GPU): train.batch_size is per rank
 and the learning rate scales with the global batch (README: Multi-GPU).
@@ -68,7 +68,9 @@ dataset, nothing is written.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_commands=()) -> int:
+    """`iecl ARGV`; `extra_commands` are more `register(subparsers)` functions
+    (iecl.cli passes profiling's: train/ never imports profiling/)."""
     parser = argparse.ArgumentParser(prog="iecl", description="IE-CL self-supervised pretraining pipeline.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(commands)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data_commands(commands)
     add_eval_commands(commands)
     add_mi_commands(commands)
-    for register in _plugin_commands():
+    for register in extra_commands:
         register(commands)
     args = parser.parse_args(argv)
     try:
@@ -90,16 +92,6 @@ def _rank_tag() -> str:
     """'rank N: ' in the processes of a torchrun launch other than rank 0 (each prints its own errors)."""
     rank = os.environ.get("RANK", "0")
     return f"rank {rank}: " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-
-
-def _plugin_commands():
-    """Commands other packages register under the `iecl.commands` entry point
-    group (setup.py): profiling's `bench`, `profile` and `compare` live there,
-    because train/ must never import profiling/ (profiling observes train)."""
-    from importlib.metadata import entry_points
-
-    for entry in sorted(entry_points(group="iecl.commands"), key=lambda e: e.name):
-        yield entry.load()
 
 
 def _add_pretrain(commands) -> None:
@@ -133,10 +125,15 @@ def _add_make_synthetic(commands) -> None:
 def run_pretrain(args) -> int:
     import torch
 
-    from train import checkpoint as ckpt
-    from train import ddp
-    from train.config import load_config, resolve_runtime, runtime_warnings, validate
-    from train.run_dir import config_of_run
+    from iecl.train import checkpoint as ckpt
+    from iecl.train import ddp
+    from iecl.train.config import (
+        load_config,
+        resolve_runtime,
+        runtime_warnings,
+        validate,
+    )
+    from iecl.train.run_dir import config_of_run
 
     launch = ddp.launch_from_env()  # torchrun's variables, or None: one process
     world = launch.world_size if launch is not None else None
@@ -164,11 +161,11 @@ def run_pretrain(args) -> int:
 def _pretrain_session(args, cfg, state: dict | None, run_dir: Path | None, world: int | None) -> int:
     """The run, once the process group (if any) is up; rank 0 alone creates and
     writes the run directory and prints, and shares its failures with the others."""
-    from train import ddp
-    from train.data import resolve_images
-    from train.loop import planned_steps, pretrain
-    from train.monitor import knn_splits
-    from train.run_dir import create_run_dir, write_run_files
+    from iecl.train import ddp
+    from iecl.train.data import resolve_images
+    from iecl.train.loop import planned_steps, pretrain
+    from iecl.train.monitor import knn_splits
+    from iecl.train.run_dir import create_run_dir, write_run_files
 
     main_rank = ddp.is_main()
     progress = not args.no_progress and main_rank
@@ -204,8 +201,8 @@ def _print_header(cfg, images, steps: int, run_dir: Path, state: dict | None, wo
     where = f"resuming at step {state['step']}" if state else "new run"
     batch = f"batch {t.batch_size}"
     if world is not None:  # under torchrun: the global batch and the learning rate it scales
-        from train.ddp import backend_for
-        from train.optim import scaled_lr
+        from iecl.train.ddp import backend_for
+        from iecl.train.optim import scaled_lr
 
         linear = cfg.optim.lr_scaling == "linear"
         scaling = f"optim.lr {cfg.optim.lr:g} x {t.batch_size * world}/256" if linear else "optim.lr, not scaled"
@@ -243,7 +240,7 @@ def _print_summary(s) -> None:
 
 
 def run_make_synthetic(args) -> int:
-    from pipeline.synthetic import SyntheticSpec, make_synthetic
+    from iecl.pipeline.synthetic import SyntheticSpec, make_synthetic
 
     spec = SyntheticSpec(args.images, args.classes, seed=args.seed, quality=args.quality)
     start = time.perf_counter()

@@ -64,7 +64,7 @@ def add_commands(commands) -> None:
 
 
 def run_validate(args) -> int:
-    from pipeline.validate import validate_images
+    from iecl.pipeline.validate import validate_images
 
     report = validate_images(args.data, workers=args.workers, progress=not args.no_progress)
     for name, reason in report.unreadable:
@@ -83,8 +83,8 @@ def run_validate(args) -> int:
 
 
 def run_convert(args) -> int:
-    from pipeline.errors import DataError
-    from pipeline.sources import open_images
+    from iecl.pipeline.errors import DataError
+    from iecl.pipeline.sources import open_images
 
     if not 1 <= args.quality <= 100:
         raise DataError(f"--quality must lie in 1-100, got {args.quality}")
@@ -93,7 +93,7 @@ def run_convert(args) -> int:
     if not args.out.endswith(".beton"):
         raise DataError(f"OUT should end in .beton, got {args.out}")
     try:
-        from pipeline.ffcv import convert
+        from iecl.pipeline.ffcv import convert
     except ImportError as err:  # the module itself imports without ffcv; this is a broken install
         raise DataError(f"cannot load the FFCV converter: {err}") from None
     images = open_images(args.data)

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import DataError
-from train.config import ConfigError
+from iecl.pipeline.errors import DataError
+from iecl.train.config import ConfigError
 
 if TYPE_CHECKING:  # torch and the model load only when a command runs: `iecl --help` stays quick
     import torch
     from torch import nn
 
-    from train.config import Config
-    from train.eval_data import LabelledSplits
+    from iecl.train.config import Config
+    from iecl.train.eval_data import LabelledSplits
 
 _DATA_HELP = """\
 CHECKPOINT is a checkpoint file (last.pt) or a run folder holding last.pt.
@@ -114,7 +114,7 @@ def _common_arguments(p: argparse.ArgumentParser, batch_size: int, seeds: str) -
 
 
 def run_knn(args) -> int:
-    from train.knn import knn_evaluate
+    from iecl.train.knn import knn_evaluate
 
     _check_positive(args, "k", "tau", "batch_size")
     ev = _prepare(args)
@@ -129,7 +129,7 @@ def run_knn(args) -> int:
 
 
 def run_lineval(args) -> int:
-    from train.lineval import linear_eval
+    from iecl.train.lineval import linear_eval
 
     _check_positive(args, "epochs", "batch_size", "lr")
     if args.momentum < 0 or args.weight_decay < 0:
@@ -178,8 +178,8 @@ class _Evaluation:
 
 def _prepare(args) -> _Evaluation:
     """Resolve the device, load the checkpoint, find the labelled data (user errors before any work)."""
-    from train.eval_data import labelled_splits
-    from train.factory import load_pretrained
+    from iecl.train.eval_data import labelled_splits
+    from iecl.train.factory import load_pretrained
 
     if not 0 < args.val_fraction < 1:
         raise DataError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
@@ -189,7 +189,7 @@ def _prepare(args) -> _Evaluation:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     if "{" not in args.data and not Path(args.data).expanduser().exists():  # braces: a tar shard pattern
         raise DataError(f"--data {args.data} does not exist")
-    from train.factory import eval_runtime
+    from iecl.train.factory import eval_runtime
 
     device, autocast_dtype = eval_runtime(args.device)
     path = Path(args.checkpoint)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import BetonFile, ImageList, open_images
-from pipeline.sources import open_beton
-from pipeline.synthetic import GENERATOR_VERSION, SyntheticSpec, make_synthetic
-from train.config import DataConfig
+from iecl.pipeline import BetonFile, ImageList, open_images
+from iecl.pipeline.sources import open_beton
+from iecl.pipeline.synthetic import GENERATOR_VERSION, SyntheticSpec, make_synthetic
+from iecl.train.config import DataConfig
 
 
 def synthetic_root(cfg: DataConfig) -> Path:
@@ -26,7 +26,7 @@ def resolve_images(cfg: DataConfig, progress: bool = True) -> ImageList | BetonF
         return open_images(root)
     beton = root.with_suffix(".beton")
     if not beton.exists():
-        from pipeline.ffcv import convert
+        from iecl.pipeline.ffcv import convert
 
         convert(open_images(root), beton, progress=progress)
     return open_beton(beton)

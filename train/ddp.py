@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.distributed import initialized, rank, world_size  # ddp.rank() etc. too
-from train.config import Config, ConfigError
+from iecl.model.distributed import initialized, rank, world_size  # ddp.rank() etc. too
+from iecl.train.config import Config, ConfigError
 
 #: How long the other ranks wait in a control-group barrier while rank 0 works alone.
 CONTROL_TIMEOUT = timedelta(hours=2)
@@ -136,7 +136,7 @@ def _broadcast_from_main(value):
 
 
 def _shareable(err: BaseException) -> tuple[type, str]:
-    from train.cli import USER_ERRORS
+    from iecl.train.cli import USER_ERRORS
 
     # A user error is re-raised on the other ranks as itself (one line, exit 2).
     if isinstance(err, USER_ERRORS):

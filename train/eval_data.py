@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import DataError, ImageList, open_images
-from pipeline.folder import UNLABELED
+from iecl.pipeline import DataError, ImageList, open_images
+from iecl.pipeline.folder import UNLABELED
 
 
 @dataclasses.dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from model.methods import Method, build_method
-from train import checkpoint as ckpt
-from train.config import Config, ConfigError, apply, resolve_method_defaults
+from iecl.model.methods import Method, build_method
+from iecl.train import checkpoint as ckpt
+from iecl.train.config import Config, ConfigError, apply, resolve_method_defaults
 
 #: method-specific constructor arguments: name -> {argument: (section, key)}
 _SPECIFIC = {

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.eval_views import EvalLoader
-from pipeline.folder import ImageList
-from train.eval_data import subset
+from iecl.pipeline.eval_views import EvalLoader
+from iecl.pipeline.folder import ImageList
+from iecl.train.eval_data import subset
 
 
 @torch.no_grad()

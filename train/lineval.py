@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import DataError
-from pipeline.eval_views import EvalLoader
-from pipeline.folder import ImageList
-from train.checkpoint import save_atomic
-from train.knn import image_features
+from iecl.pipeline.errors import DataError
+from iecl.pipeline.eval_views import EvalLoader
+from iecl.pipeline.folder import ImageList
+from iecl.train.checkpoint import save_atomic
+from iecl.train.knn import image_features
 
 #: Bump when the cached features would change for the same key (transform, normalisation).
 CACHE_VERSION = 1

@@ -32,21 +32,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.view_prep import ViewPrep
-from model.methods import Method
-from pipeline import MEAN_255, STD_255, BetonFile, DataError, ImageList, build_loader
-from pipeline.sampler import EpochBatchSampler
-from pipeline.views import ViewBatch
-from train import checkpoint as ckpt
-from train import ddp
-from train.config import Config
-from train.eval_data import LabelledSplits
-from train.factory import method_from_config
-from train.faults import NonFiniteGuard, NonFiniteLoss
-from train.metrics import MetricsLog
-from train.monitor import KnnMonitor, knn_splits, step_diagnostics
-from train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
-from train.run_dir import RunDirError, check_run_dir
+from iecl.kernels.view_prep import ViewPrep
+from iecl.model.methods import Method
+from iecl.pipeline import (
+    MEAN_255,
+    STD_255,
+    BetonFile,
+    DataError,
+    ImageList,
+    build_loader,
+)
+from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.views import ViewBatch
+from iecl.train import checkpoint as ckpt
+from iecl.train import ddp
+from iecl.train.config import Config
+from iecl.train.eval_data import LabelledSplits
+from iecl.train.factory import method_from_config
+from iecl.train.faults import NonFiniteGuard, NonFiniteLoss
+from iecl.train.metrics import MetricsLog
+from iecl.train.monitor import KnnMonitor, knn_splits, step_diagnostics
+from iecl.train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from iecl.train.run_dir import RunDirError, check_run_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -40,24 +40,24 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kernels.view_prep import prepare_view_reference
-from model.diagnostics import infonce_mi_bound, infonce_mi_ceiling
-from model.losses.ntxent import nt_xent
-from pipeline import DataError, ImageList, open_images
-from pipeline.augment import (
+from iecl.kernels.view_prep import prepare_view_reference
+from iecl.model.diagnostics import infonce_mi_bound, infonce_mi_ceiling
+from iecl.model.losses.ntxent import nt_xent
+from iecl.pipeline import DataError, ImageList, open_images
+from iecl.pipeline.augment import (
     ViewRecipe,
     apply_view,
     get_recipe,
     sample_view_params,
     view_rngs,
 )
-from pipeline.folder import UNLABELED
-from pipeline.reference import decode_rgb
-from pipeline.validate import DECODE_ERRORS, describe
-from pipeline.views import MEAN_255, STD_255
-from train.config import ConfigError
-from train.eval_data import labelled_splits, subset
-from train.knn import extract_features
+from iecl.pipeline.folder import UNLABELED
+from iecl.pipeline.reference import decode_rgb
+from iecl.pipeline.validate import DECODE_ERRORS, describe
+from iecl.pipeline.views import MEAN_255, STD_255
+from iecl.train.config import ConfigError
+from iecl.train.eval_data import labelled_splits, subset
+from iecl.train.knn import extract_features
 
 PAIRS = ("views", "class")
 LOG2 = math.log(2)
@@ -457,7 +457,7 @@ def add_commands(commands) -> None:
 
 
 def run_mi(args: argparse.Namespace) -> int:
-    from train.factory import eval_runtime, load_pretrained
+    from iecl.train.factory import eval_runtime, load_pretrained
 
     _check_args(args)
     device, autocast_dtype = eval_runtime(args.device)

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from model.diagnostics import diagnostics
-from model.methods import Method
-from pipeline import BetonFile, DataError, ImageList
-from train.config import Config, ConfigError
-from train.eval_data import LabelledSplits, labelled_splits
+from iecl.model.diagnostics import diagnostics
+from iecl.model.methods import Method
+from iecl.pipeline import BetonFile, DataError, ImageList
+from iecl.train.config import Config, ConfigError
+from iecl.train.eval_data import LabelledSplits, labelled_splits
 
 
 def step_diagnostics(method: Method, losses: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
@@ -70,7 +70,7 @@ class KnnMonitor:
         return epoch_end or step == total
 
     def run(self, method: Method) -> dict:
-        from train.knn import knn_evaluate
+        from iecl.train.knn import knn_evaluate
 
         e, s = self.cfg.eval, self.splits
         start = time.perf_counter()

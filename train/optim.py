@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from train.config import ConfigError, OptimConfig
+from iecl.train.config import ConfigError, OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:

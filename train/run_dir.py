@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import Config, ConfigError, dump_yaml
+from iecl.train.config import Config, ConfigError, dump_yaml
 
 
 class RunDirError(OSError):

@@ -2,17 +2,17 @@
 names the equation it implements. All of them compute in float32, autocast or
 not (`precision.float32_forward`)."""
 
-from model.losses.cosine import NegativeCosineSimilarity, NormalizedMSE
-from model.losses.entropy import (
+from iecl.model.losses.cosine import NegativeCosineSimilarity, NormalizedMSE
+from iecl.model.losses.entropy import (
     ENTROPY_ESTIMATORS,
     CodingRateEntropy,
     Renyi2Entropy,
     build_entropy,
 )
-from model.losses.infonce import InfoNCE
-from model.losses.kl import GaussianKL
-from model.losses.ntxent import NTXent, nt_xent
-from model.losses.queue_infonce import QueueInfoNCE
+from iecl.model.losses.infonce import InfoNCE
+from iecl.model.losses.kl import GaussianKL
+from iecl.model.losses.ntxent import NTXent, nt_xent
+from iecl.model.losses.queue_infonce import QueueInfoNCE
 
 __all__ = [
     "ENTROPY_ESTIMATORS",

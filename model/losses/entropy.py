@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.losses.precision import float32_forward
+from iecl.model.losses.precision import float32_forward
 
 
 class CodingRateEntropy(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.losses.precision import float32_forward
+from iecl.model.losses.precision import float32_forward
 
 
 class GaussianKL(nn.Module):

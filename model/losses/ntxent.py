@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.distributed import gather_with_grad
-from model.losses.precision import float32_forward
+from iecl.model.distributed import gather_with_grad
+from iecl.model.losses.precision import float32_forward
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

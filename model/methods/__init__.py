@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from model.methods.base import Method
-from model.methods.byol import BYOL
-from model.methods.iecl import IECL
-from model.methods.mocov2 import MoCoV2
-from model.methods.simclr import SimCLR
-from model.methods.simsiam import SimSiam
+from iecl.model.methods.base import Method
+from iecl.model.methods.byol import BYOL
+from iecl.model.methods.iecl import IECL
+from iecl.model.methods.mocov2 import MoCoV2
+from iecl.model.methods.simclr import SimCLR
+from iecl.model.methods.simsiam import SimSiam
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (IECL, MoCoV2, SimCLR, BYOL, SimSiam)}
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.encoder import Encoder
-from model.saib import SAIB
+from iecl.model.encoder import Encoder
+from iecl.model.saib import SAIB
 
 
 class Method(nn.Module):

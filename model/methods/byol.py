@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.encoder import Encoder, ema_update, momentum_copy
-from model.heads import BYOLMLP
-from model.losses import NormalizedMSE
-from model.methods.base import Method
-from model.resnet import build_backbone
+from iecl.model.encoder import Encoder, ema_update, momentum_copy
+from iecl.model.heads import BYOLMLP
+from iecl.model.losses import NormalizedMSE
+from iecl.model.methods.base import Method
+from iecl.model.resnet import build_backbone
 
 
 def byol_momentum(base: float, progress: float) -> float:

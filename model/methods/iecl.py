@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.encoder import Encoder, ema_update, momentum_copy
-from model.heads import MLPBNProjector
-from model.losses import GaussianKL, InfoNCE, build_entropy
-from model.methods.base import Method
-from model.resnet import build_backbone
+from iecl.model.encoder import Encoder, ema_update, momentum_copy
+from iecl.model.heads import MLPBNProjector
+from iecl.model.losses import GaussianKL, InfoNCE, build_entropy
+from iecl.model.methods.base import Method
+from iecl.model.resnet import build_backbone
 
 
 class IECL(Method):

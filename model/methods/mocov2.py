@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.distributed import gather_no_grad
-from model.encoder import Encoder, ema_update, momentum_copy
-from model.heads import MoCoV2Head
-from model.losses import QueueInfoNCE
-from model.methods.base import Method
-from model.resnet import build_backbone
+from iecl.model.distributed import gather_no_grad
+from iecl.model.encoder import Encoder, ema_update, momentum_copy
+from iecl.model.heads import MoCoV2Head
+from iecl.model.losses import QueueInfoNCE
+from iecl.model.methods.base import Method
+from iecl.model.resnet import build_backbone
 
 #: the queue's initial random keys: one fixed seed, so every rank starts with
 #: the same queue without any communication

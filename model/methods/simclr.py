@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.distributed import world_size
-from model.encoder import Encoder
-from model.heads import SimCLRProjector
-from model.losses import NTXent
-from model.methods.base import Method
-from model.resnet import build_backbone
+from iecl.model.distributed import world_size
+from iecl.model.encoder import Encoder
+from iecl.model.heads import SimCLRProjector
+from iecl.model.losses import NTXent
+from iecl.model.methods.base import Method
+from iecl.model.resnet import build_backbone
 
 
 class SimCLR(Method):

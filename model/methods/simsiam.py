@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.encoder import Encoder
-from model.heads import MLPBNProjector, SimSiamPredictor
-from model.losses import NegativeCosineSimilarity
-from model.methods.base import Method, decay_groups
-from model.resnet import build_backbone
+from iecl.model.encoder import Encoder
+from iecl.model.heads import MLPBNProjector, SimSiamPredictor
+from iecl.model.losses import NegativeCosineSimilarity
+from iecl.model.methods.base import Method, decay_groups
+from iecl.model.resnet import build_backbone
 
 
 class SimSiam(Method):

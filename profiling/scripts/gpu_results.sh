@@ -54,7 +54,7 @@ profile-compile)  # R50 IE-CL's compile warm-up did not finish within 5 minutes 
     --steps 15 --warmup 5 --isolate-iters 5 --json "$RESULTS/profile_r50_iecl_b256_compile.json"
   ;;
 loader)
-  python3 -m train.cli make-synthetic "$DATA" --images 10000 --classes 100 2>&1 | tail -2
+  iecl make-synthetic "$DATA" --images 10000 --classes 100 2>&1 | tail -2
   run loader_224px_b256 iecl bench loader --backend pil dali --decode shared window --data "$DATA" \
     --batch-size 256 --image-size 224 --steps 40 --warmup 8 --device cuda --json "$RESULTS/loader_224px_b256.json"
   run profile_r50_iecl_b256_dali iecl profile --config imagenet_r50 $FAST $LOADER --steps 30 --warmup 10 \
