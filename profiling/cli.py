@@ -174,5 +174,67 @@ def _run_compare(args) -> int:
     return run_args(args)
 
 
+REPORT_HELP = """\
+Everything this project measures on a GPU machine, in one command, within a
+time budget: the machine's ceilings (bf16 matmul, device copy), SAIB's
+implementations alone, the loaders alone (pil on every core, DALI, FFCV), the
+IE-CL + SAIB step of ResNet-50 and ResNet-18 with the real loader and with
+the data on the device, compile off and on, SAIB's share per
+implementation, every method with and without SAIB, and a plain supervised
+ResNet-50 step as an anchor. Writes DIR/report.md, one JSON per part, the
+charts and logs/, and with --pack DIR.tar.gz.
+
+Each part runs in a process of its own under its share of the budget (the
+time left, in proportion to the part's estimate among those still to run); a
+part that fails is recorded with its error and one that overruns its share
+(a long torch.compile warm-up) is stopped and reported; the rest still run.
+A folder can be filled in several calls (--parts), and report.md shows
+everything in it. Exit status 1 if a part failed.
+
+--dry-run runs every part at toy sizes (about two minutes on a 2-core CPU,
+most of it the Triton interpreter and ten small compare configurations):
+a check, before a GPU is there, that the full run will not fail at start.
+On a machine with no package index, run the source checkout itself:
+python3 CHECKOUT report ...
+
+  iecl report --out results/h200 --pack
+  iecl report --out results/h200 --config imagenet_r50 --budget-minutes 20 --data /data/imagenet/train
+  iecl report --out /tmp/dry --dry-run
+  iecl report --out results/h200 --parts machine saib data      # now; the rest in a later call
+"""
+
+
+def register_report(commands) -> None:
+    from iecl.profiling.report.plan import PART_NAMES
+
+    p = commands.add_parser(
+        "report", help="measure a GPU machine end to end, within a time budget (report.md, JSON, charts)",
+        description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides for every training part, applied last")
+    p.add_argument("--out", required=True, metavar="DIR", help="the report folder (created; an earlier report of the same plan is added to)")
+    p.add_argument("--config", default="imagenet_r50", metavar="NAME|PATH",
+                   help="the IE-CL configuration the training parts start from (default imagenet_r50)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="wall-clock budget of the whole command (default 8; 3 with --dry-run)")
+    p.add_argument("--data", metavar="DIR", help="JPEGs for the loader parts (default: make synthetic ones under --work)")
+    p.add_argument("--work", default="~/.cache/iecl/report", metavar="DIR",
+                   help="scratch space: synthetic JPEGs, FFCV files (default ~/.cache/iecl/report)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--dry-run", action="store_true", help="every part at toy sizes: proves the command runs here")
+    p.add_argument("--parts", nargs="+", metavar="PART", help=f"only these, of: {' '.join(PART_NAMES)}")
+    p.add_argument("--skip", nargs="+", metavar="PART", help="all but these")
+    p.add_argument("--pack", action="store_true", help="also write DIR.tar.gz, the whole report in one file")
+    p.add_argument("--run-part", metavar="PART", help=argparse.SUPPRESS)  # the child process's side
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from iecl.profiling.report.runner import run_args
+
+    return run_args(args)
+
+
 #: what iecl.cli registers, in the order `iecl --help` lists them
-COMMANDS = (register, register_profile, register_compare)
+COMMANDS = (register, register_profile, register_compare, register_report)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    import iecl  # noqa: F401  (installed: pip install -e .)
+except ModuleNotFoundError:  # a plain checkout (a GPU machine with no package index): the launcher makes it iecl
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "__main__.py"), run_name="iecl_checkout")
 
 from iecl.pipeline.synthetic import SyntheticSpec, make_synthetic
 from iecl.train.config import Config, apply, resolve_runtime, validate

@@ -1,0 +1,351 @@
+"""report.md and the charts of `iecl report`, from the parts' JSON files.
+
+Everything here reads what the parts wrote; nothing is measured. A part that
+did not run, failed or was stopped at its share is shown as such, with what
+it saved before it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from iecl.profiling.report.plan import BY_NAME, PART_NAMES
+
+#: the pipelines work's bar: DALI's GPU decode at least this many times PIL on every core
+DALI_OVER_PIL_BAR = 3.0
+
+
+def load(out: Path, name: str) -> dict | None:
+    path = out / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _f(value, fmt: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _get(d: dict | None, *keys):
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+# ------------------------------------------------------------- the figures the report is for
+
+
+def dali_over_pil(loader: dict | None) -> dict | None:
+    runs = [r for r in (loader or {}).get("runs", []) if "error" not in r]
+    pil = next((r for r in runs if r["backend"] == "pil"), None)
+    dali = max((r for r in runs if r["backend"] == "dali"), key=lambda r: r["img_per_s"], default=None)
+    if pil is None or dali is None:
+        return None
+    return {"pil": pil["img_per_s"], "pil_workers": pil["workers"], "dali": dali["img_per_s"],
+            "dali_decode": dali["decode"], "ratio": dali["img_per_s"] / pil["img_per_s"]}
+
+
+def loader_efficiency(profile: dict | None) -> float | None:
+    """Model-only step time over real-loader step time (1.0: the loader hides behind the model)."""
+    steps = _get(profile, "step_ms")
+    return steps["model_only"] / steps["wall_clock"] if steps else None
+
+
+def compile_speedup(eager: dict | None, compiled: dict | None, kind: str) -> float | None:
+    a, b = _get(eager, "step_ms", kind), _get(compiled, "step_ms", kind)
+    return a / b if a and b else None
+
+
+def saib_shares(out: Path) -> dict:
+    """SAIB's share of the ResNet-50 step (forward + backward, in place) per implementation."""
+    shares = {"reference": _get(load(out, "profile-r50"), "saib_share")}
+    in_step = load(out, "saib-in-step") or {}
+    for impl in ("triton", "compile"):
+        shares[impl] = _get(in_step, impl, "saib_share")
+    return shares
+
+
+def headline(out: Path, record: dict) -> list[str]:
+    """The figures side by side, each with the bar it answers to."""
+    r50, r18 = load(out, "profile-r50"), load(out, "profile-r18")
+    r50c, r18c = load(out, "profile-r50-compile"), load(out, "profile-r18-compile")
+    parts = record["parts"]
+    lines = ["| figure | this run | bar |", "| --- | --- | --- |"]
+    d = dali_over_pil(load(out, "loader"))
+    if d:
+        met = "met" if d["ratio"] >= DALI_OVER_PIL_BAR else "not met"
+        lines.append(f"| DALI ({d['dali_decode']}) vs PIL on {d['pil_workers']} cores, img/s | "
+                     f"{d['dali']:,.0f} vs {d['pil']:,.0f}: {d['ratio']:.2f}x | >= {DALI_OVER_PIL_BAR:g}x: {met} |")
+    else:
+        lines.append(f"| DALI vs PIL, img/s | not measured ({_status_text(parts, 'loader')}) | >= {DALI_OVER_PIL_BAR:g}x |")
+    for prof, name in ((r50, "profile-r50"), (r18, "profile-r18")):
+        eff = loader_efficiency(prof)
+        lines.append(f"| loader efficiency, IE-CL + SAIB {_backbone(prof, name)} ({_get(prof, 'data') or 'real loader'}) | "
+                     f"{_f(eff and 100 * eff, '.0f', '%')} (model-only {_f(_get(prof, 'step_ms', 'model_only'), '.1f')} ms "
+                     f"/ with the loader {_f(_get(prof, 'step_ms', 'wall_clock'), '.1f')} ms){_over_100(prof, eff)} | "
+                     "100%: the loader hides behind the step |")
+    for eager, compiled, name in ((r50, r50c, "profile-r50-compile"), (r18, r18c, "profile-r18-compile")):
+        label = _backbone(eager, name.removesuffix("-compile"))
+        if compiled:
+            speed = compile_speedup(eager, compiled, "model_only")
+            lines.append(f"| compile on vs off, {label} step (data on the device) | "
+                         f"{_f(_get(eager, 'step_ms', 'model_only'))} ms eager, "
+                         f"{_f(_get(compiled, 'step_ms', 'model_only'))} ms compiled: {_f(speed, '.2f', 'x')}; "
+                         f"warm-up {_f(_get(compiled, 'warmup_seconds'), '.0f')} s | >= 1.5x, warm-up <= 120 s |")
+        else:
+            lines.append(f"| compile on vs off, {label} | {_status_text(parts, name)} | >= 1.5x, warm-up <= 120 s |")
+    shares = saib_shares(out)
+    lines.append(f"| SAIB's share of the IE-CL {_backbone(r50, 'profile-r50')} step | " +
+                 ", ".join(f"{impl} {_f(s and 100 * s, '.1f', '%')}" for impl, s in shares.items()) + " | "
+                 "the paper's overhead: 8.8% |")
+    anchor = load(out, "anchor")
+    for name, row in (_get(anchor, "models") or {}).items():
+        ours = _get(r50, "img_per_s", "model_only")
+        lines.append(f"| plain supervised step, {name} | {_f(_get(row, 'img_per_s'), ',.0f')} img/s "
+                     f"({_f(_get(row, 'step_ms'))} ms); IE-CL + SAIB model-only {_f(ours, ',.0f')} img/s | "
+                     "what the chip gives a ResNet with no method around it |")
+    return lines
+
+
+def _backbone(profile: dict | None, name: str) -> str:
+    """The backbone a profile ran, and its part (the dry run builds a ResNet-18
+    for the ResNet-50 parts)."""
+    return f"{_get(profile, 'backbone') or ('resnet18' if 'r18' in name else 'resnet50')} ({name})"
+
+
+def _over_100(profile: dict | None, efficiency: float | None) -> str:
+    """A loader cannot make a step faster than the data already on the device:
+    above 100% is the two timings' noise, and is said to be."""
+    if efficiency is None or efficiency <= 1.0:
+        return ""
+    return (f"; above 100% only by the timing noise of {profile['steps']} steps: read it as 100%, "
+            "the loader hidden")
+
+
+def _status_text(parts: dict, name: str) -> str:
+    status = parts.get(name)
+    if status is None:
+        return "not run"
+    if status["status"] == "over budget":
+        return f"stopped at its share of the budget ({status['share_seconds']:.0f} s)"
+    if status["status"] == "failed":
+        return f"failed: {status.get('error', '')}"
+    return status["status"] + (f": {status['why']}" if status.get("why") else "")
+
+
+# ------------------------------------------------------------- sections
+
+
+def _machine(m: dict | None) -> list[str]:
+    if not m:
+        return ["Not measured."]
+    lines = [f"- device: {m['device']}" + (f", {m['gpu']['memory_gib']:.0f} GiB, {m['gpu']['multiprocessors']} SMs, "
+                                         f"capability {m['gpu']['capability']}" if m.get("gpu") else ""),
+             (f"- CPU: {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), {m['cpu_model']}; "
+             f"{m['host_memory_gib']:.0f} GiB host memory"),
+             (f"- bf16 matrix product: **{m['matmul_bf16_tflops']:.1f} TFLOP/s**; device-to-device copy: "
+             f"**{m['copy_gb_per_s']:.0f} GB/s** (bytes read + written)"),
+             "- software: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+             "- optional packages: " + "; ".join(
+                 f"{k} {v['version']}" if v["available"] else f"{k}: no ({v['why']})"
+                 for k, v in m["optional_packages"].items())]
+    if m.get("nvidia_smi"):
+        lines.append(f"- `nvidia-smi`: {m['nvidia_smi']}")
+    return lines
+
+
+def _saib(s: dict | None) -> list[str]:
+    if not s:
+        return ["Not measured."]
+    c = s["config"]
+    lines = [(f"Batch {c['batch_size']}, {c['image_size']} px, patch {c['patch']}, {c['dtype']}, {c['weights']} weights; "
+             f"median of {c['iters']} after {c['warmup']}; forward = {s['flop']['forward'] / 1e9:.1f} GFLOP."), "",
+             "| implementation | forward ms | backward ms | forward + backward ms | TFLOP/s (f+b) | of matmul |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for impl, row in s["results"].items():
+        lines.append(f"| {impl} | {row['forward_ms']:.2f} | {row['backward_ms']:.2f} | {row['forward_backward_ms']:.2f} | "
+                     f"{row['forward_backward_tflops']:.1f} | {100 * row['forward_backward_share_of_matmul']:.1f}% |")
+    return lines + [f"- {note}" for note in s.get("notes", [])]
+
+
+def _loader(r: dict | None) -> list[str]:
+    if not r:
+        return ["Not measured."]
+    lines = [(f"Batch {r['batch_size']}, {r['image_size']} px, two views, delivered on {r['device']}; "
+             f"{r['warmup']} + {r['steps']} batches; {r['workers']} workers."), "",
+             "| backend | img/s | step ms (median) | p90 ms | host MB | GPU MB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for run in r["runs"]:
+        name = run["backend"] + (f"/{run['decode']}" if run.get("decode") else "")
+        if "error" in run:
+            lines.append(f"| {name} | failed: {run['error'].splitlines()[-1]} | | | | |")
+            continue
+        lines.append(f"| {name} | {run['img_per_s']:,.0f} | {run['step_ms_median']:.1f} | {run['step_ms_p90']:.1f} | "
+                     f"{run['peak_host_mb']:.0f} | {_f(run['peak_gpu_mb'], '.0f')} |")
+    lines += [f"- {backend}: not run ({why})" for backend, why in r.get("skipped", {}).items()]
+    if r.get("ffcv_conversion_seconds") is not None:
+        lines.append(f"- FFCV conversion (once, not timed above): {r['ffcv_conversion_seconds']:.0f} s")
+    return lines
+
+
+_PROFILES = (("profile-r50", "eager"), ("profile-r50-compile", "compiled"),
+             ("profile-r18", "eager"), ("profile-r18-compile", "compiled"))
+
+
+def _profiles(out: Path, parts: dict) -> list[str]:
+    lines = [("| step | with the loader ms | img/s | data on the device ms | img/s | loader efficiency | "
+             "SAIB share | TFLOP/s (model-only) | warm-up s |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, mode in _PROFILES:
+        p = load(out, name)
+        label = f"{_backbone(p, name)}, {mode}"
+        if not p:
+            lines.append(f"| {label} | {_status_text(parts, name)} | | | | | | | |")
+            continue
+        st = p["step_ms"]
+        lines.append(f"| {label} | {st['wall_clock']:.1f} | {p['img_per_s']['in_place']:,.0f} | {st['model_only']:.1f} | "
+                     f"{p['img_per_s']['model_only']:,.0f} | {100 * loader_efficiency(p):.0f}% | "
+                     f"{100 * p['saib_share']:.1f}% | {p['tflops']['model_only']:.1f} | {p['warmup_seconds']:.0f} |")
+    r50 = load(out, "profile-r50")
+    if r50:
+        lines += ["", f"Stages of profile-r50, in place with the loader ({r50['config']}; {r50['data']}):", "",
+                  "| stage | in place ms | share | isolated ms |", "| --- | ---: | ---: | ---: |"]
+        for s in r50["stages"].values():
+            lines.append(f"| {s['label']} | {s['in_place_ms']:.2f} | {100 * s['share']:.1f}% | {_f(s['isolated_ms'], '.2f')} |")
+        lines.append(f"| step (sum of parts; wall clock {r50['step_ms']['wall_clock']:.2f}) | "
+                     f"{r50['step_ms']['sum_of_parts']:.2f} | | |")
+    in_step = load(out, "saib-in-step") or {}
+    for impl, p in in_step.items():
+        if not isinstance(p, dict) or "step_ms" not in p:
+            if isinstance(p, dict):
+                lines.append(f"- SAIB {impl} in the step: {p.get('error') or p.get('skipped')}")
+            continue
+        fwd, bwd = _get(p, "stages", "saib_fwd", "in_place_ms"), _get(p, "stages", "saib_bwd", "in_place_ms")
+        lines.append(f"- SAIB {impl} in the {p['backbone']} step (data on the device): forward {_f(fwd, '.2f')} ms, "
+                     f"backward {_f(bwd, '.2f')} ms, {100 * p['saib_share']:.1f}% of a {p['step_ms']['wall_clock']:.1f} ms step")
+    return lines
+
+
+def _compare(c: dict | None) -> list[str]:
+    if not c:
+        return ["Not measured."]
+    from iecl.profiling.compare import markdown
+
+    body = markdown(c).split("\n", 1)[1]  # without its own title
+    note = [] if c.get("complete") else ["", f"Partial: {len(c['rows'])} of 10 configurations finished in the budget."]
+    return [body.rstrip(), *note, "", "![every method, with and without SAIB](compare.png)"]
+
+
+def _anchor(a: dict | None) -> list[str]:
+    if not a:
+        return ["Not measured."]
+    lines = [(f"Batch {a['batch_size']}, {a['image_size']} px, {a['precision']}, "
+             f"{'channels-last' if a['channels_last'] else 'NCHW'}; cross-entropy over 1,000 classes, SGD with momentum."),
+             "", "| model | step ms | img/s | parameters |", "| --- | ---: | ---: | ---: |"]
+    for name, row in a["models"].items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'].splitlines()[-1]} | | |")
+        else:
+            lines.append(f"| {name} | {row['step_ms']:.1f} | {row['img_per_s']:,.0f} | {row['parameters'] / 1e6:.1f} M |")
+    if a.get("torchvision"):
+        lines.append(f"- torchvision: {a['torchvision']}")
+    return lines
+
+
+def parts_table(record: dict) -> str:
+    lines = ["| part | status | seconds | share s | note |", "| --- | --- | ---: | ---: | --- |"]
+    for name in PART_NAMES:
+        s = record["parts"].get(name)
+        if s is None:
+            continue
+        note = s.get("error") or s.get("why") or ""
+        if s.get("partial"):
+            note = (note + "; " if note else "") + "kept what it saved before it stopped"
+        if BY_NAME[name].optional and s["status"] == "over budget":
+            note = (note + "; " if note else "") + BY_NAME[name].optional
+        lines.append(f"| {name} | {s['status']} | {_f(s.get('seconds'))} | {_f(s.get('share_seconds'), '.0f')} | {note} |")
+    return "\n".join(lines)
+
+
+def markdown(out: Path, record: dict) -> str:
+    plan, machine = record["plan"], load(out, "machine")
+    scale = plan["scale"]
+    title = machine["device"] if machine else plan["device"]
+    lines = [f"# iecl report: {title}", ""]
+    for s in record["sessions"]:
+        lines.append(f"- {s['started']}: `{s['command']}` ({s.get('seconds', 0):.0f} s of a {s['budget_seconds']:.0f} s budget)")
+    lines += ["", (f"Size: {scale['name']} (batch {scale['batch_size']}, {scale['image_size']} px, SAIB patch {scale['patch']}; "
+                   f"config {plan['config'] or 'smoke'}" + (f" with {' '.join(plan['overrides'])}" if plan["overrides"] else "")
+                   + f"); real loader: {plan['backend']} on {plan['cores']} cores; data: {plan['data']}."),
+              "", "## The figures, side by side", "", *headline(out, record),
+              "", "## Parts (each in its own process, under its share of the budget)", "", parts_table(record),
+              "", "## 1. Machine", "", *_machine(machine),
+              "", "## 2. SAIB alone (`iecl bench saib`)", "", *_saib(load(out, "saib")),
+              "", "## 3. Loaders alone (`iecl bench loader`)", "", *_loader(load(out, "loader")),
+              *([""] + ["![loaders](loader.png)"] if (out / "loader.png").exists() else []),
+              "", "## 4. The IE-CL + SAIB step (`iecl profile`)", "", *_profiles(out, record["parts"]),
+              *([""] + ["![steps](steps.png)"] if (out / "steps.png").exists() else []),
+              "", "## 5. Every method with and without SAIB, ResNet-50 (`iecl compare`)", "", *_compare(load(out, "compare")),
+              "", "## 6. Anchor: a plain supervised ResNet-50 step", "", *_anchor(load(out, "anchor"))]
+    if scale["name"] == "dry-run":
+        lines += ["", "This is a dry run: toy sizes, every code path of the full report; its times mean nothing."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------- charts
+
+
+def _barh(path: Path, labels: list[str], values: list[float], xlabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(labels) + 1.5))
+    bars = ax.barh(range(len(labels)), values, color="#4c72b0", tick_label=labels)
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=3)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(0, max(values) * 1.2)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # tight: no label is ever clipped
+    plt.close(fig)
+
+
+def charts(out: Path, record: dict) -> list[Path]:
+    paths = []
+    machine = load(out, "machine")
+    device = machine["device"] if machine else record["plan"]["device"]
+    loader = load(out, "loader")
+    runs = [r for r in (loader or {}).get("runs", []) if "error" not in r]
+    if runs:
+        path = out / "loader.png"
+        _barh(path, [r["backend"] + (f"/{r['decode']}" if r.get("decode") else "") for r in runs],
+              [r["img_per_s"] for r in runs], "images/s (two views each, on the device)",
+              f"{device}: loaders alone, batch {loader['batch_size']}, {loader['image_size']} px")
+        paths.append(path)
+    labels, values = [], []
+    for name, mode in _PROFILES:
+        p = load(out, name)
+        if p:
+            label = f"{_backbone(p, name)}, {mode}"
+            labels += [f"{label}, with the loader", f"{label}, data on the device"]
+            values += [p["img_per_s"]["in_place"], p["img_per_s"]["model_only"]]
+    for name, row in (_get(load(out, "anchor"), "models") or {}).items():
+        if "img_per_s" in row:
+            labels.append(f"supervised {name}")
+            values.append(row["img_per_s"])
+    if values:
+        path = out / "steps.png"
+        _barh(path, labels, values, "images/s", f"{device}: IE-CL + SAIB training steps and the supervised anchor")
+        paths.append(path)
+    return paths
+
+
+def write(out: Path, record: dict) -> list[Path]:
+    paths = charts(out, record)
+    md = out / "report.md"
+    md.write_text(markdown(out, record))
+    return [md, out / "report.json", *paths]

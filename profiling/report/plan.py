@@ -1,0 +1,124 @@
+"""What `iecl report` runs, at which size, and how its time budget is shared.
+
+The parts run in the order of PARTS: what a short lease must not miss comes
+first, the torch.compile runs (whose warm-up may not fit) last. Before each
+part starts it gets a share of the time left,
+
+    share = time left x estimate / (sum of the estimates of the parts still to run),
+
+so time a part does not use passes on to the later ones, and a part that
+overruns its share is stopped and reported as such while the rest still run.
+At full size the last parts (torch.compile) may use all that is left; the
+dry run caps each share at `max_share` times the estimate, so that its
+compile parts, which cannot finish on a CPU, are stopped in seconds.
+The estimates are each part's expected seconds at that scale: for the dry run
+they are what the parts took on the 2-core CPU machine (the table in
+profiling/results/cpu-2core/report-dry-run/report.md); for the full size they
+are expected GPU seconds, from the H100 runs in
+profiling/results/NVIDIA-H100-80GB-HBM3/ (step times, compile warm-up > 5 min
+for ResNet-50) plus the child process's start (Python, torch and CUDA: a few
+seconds). Every report lists each part's share beside the time it used, so
+the estimates can follow the measurements of each new machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    title: str
+    needs_data: bool = False  # needs the JPEG folder made (or named) by the "data" part
+    optional: str = ""  # why this part may well not fit the budget (reported, not a failure)
+
+
+PARTS = (
+    Part("machine", "machine record and ceilings: bf16 matmul, device copy, CPU cores, optional packages"),
+    Part("saib", "SAIB implementations alone: reference, torch.compile, Triton (bench saib)"),
+    Part("data", "ImageNet-like JPEGs for the loaders (make-synthetic on every core, or --data)"),
+    Part("loader", "loaders alone: pil on every core, DALI shared and window, FFCV (bench loader)", needs_data=True),
+    Part("profile-r50", "IE-CL + SAIB ResNet-50 step: real loader and data on the device (profile)", needs_data=True),
+    Part("profile-r18", "IE-CL + SAIB ResNet-18 step: real loader and data on the device (profile)", needs_data=True),
+    Part("anchor", "plain supervised ResNet-50 training step: ours without spectral norm, torchvision's"),
+    Part("compare", "every method with and without SAIB, ResNet-50: real loader and data on the device (compare)",
+         needs_data=True),
+    Part("saib-in-step", "IE-CL + SAIB ResNet-50 step with the Triton and the compiled SAIB (profile, data on the device)"),
+    Part("profile-r18-compile", "the ResNet-18 step with train.compile=true (profile)", needs_data=True,
+         optional="torch.compile's warm-up may exceed its share"),
+    Part("profile-r50-compile", "the ResNet-50 step with train.compile=true (profile)", needs_data=True,
+         optional="torch.compile's warm-up may exceed its share (it did not finish in 5 minutes on an H100)"),
+)
+PART_NAMES = tuple(p.name for p in PARTS)
+BY_NAME = {p.name: p for p in PARTS}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of every part. `overrides` go to every training part's config."""
+
+    name: str
+    batch_size: int
+    image_size: int
+    patch: int
+    saib_dtype: str
+    images: int  # synthetic JPEGs made by the data part
+    classes: int
+    budget_minutes: float  # the default --budget-minutes
+    overrides: tuple[str, ...] = ()
+    r50: str = "resnet50"  # the backbone the "ResNet-50" parts build
+    saib_iters: int = 20
+    saib_warmup: int = 5
+    loader_steps: int = 20
+    loader_warmup: int = 5
+    profile_steps: int = 10
+    profile_warmup: int = 5
+    isolate_iters: int = 3
+    compare_steps: int = 8
+    compare_warmup: int = 3
+    anchor_steps: int = 15
+    anchor_warmup: int = 5
+    ceiling_iters: int = 10
+    estimates: dict = field(default_factory=dict)  # part -> expected seconds
+    max_share: float | None = None  # cap on a share, in estimates (None: no cap)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FULL = Scale(
+    name="full", batch_size=256, image_size=224, patch=16, saib_dtype="bf16", images=10_000, classes=100,
+    budget_minutes=8.0,
+    # Expected GPU seconds (H100-class; see the module docstring).
+    estimates={"machine": 10, "saib": 60, "data": 30, "loader": 80, "profile-r50": 35, "profile-r18": 25,
+               "anchor": 25, "compare": 120, "saib-in-step": 50, "profile-r18-compile": 60,
+               "profile-r50-compile": 90},
+)
+
+DRY_RUN = Scale(
+    name="dry-run", batch_size=4, image_size=32, patch=8, saib_dtype="fp32", images=32, classes=4,
+    budget_minutes=3.0,
+    # Toy heads and a ResNet-18 in place of the ResNet-50: the same code at a size
+    # a 2-core CPU runs in seconds (Triton runs in its interpreter there).
+    overrides=("model.projector_hidden=64", "model.projector_out=32", "model.predictor_hidden=64",
+               "method.queue_size=64"),
+    r50="resnet18",
+    saib_iters=1, saib_warmup=0, loader_steps=3, loader_warmup=1, profile_steps=1, profile_warmup=1,
+    isolate_iters=1, compare_steps=1, compare_warmup=1, anchor_steps=2, anchor_warmup=1, ceiling_iters=2,
+    # Seconds each part took on the 2-core CPU machine (report-dry-run/report.md;
+    # the Triton interpreter is most of saib and saib-in-step). The compile parts
+    # get 3 s: on a CPU their warm-up takes minutes, so the dry run checks that an
+    # overrun is stopped and reported.
+    estimates={"machine": 6, "saib": 13, "data": 4, "loader": 12, "profile-r50": 7, "profile-r18": 7,
+               "anchor": 4, "compare": 31, "saib-in-step": 32, "profile-r18-compile": 3,
+               "profile-r50-compile": 3},
+    max_share=2.0,
+)
+
+
+def share(seconds_left: float, todo: list[str], estimates: dict, max_share: float | None = None) -> float:
+    """The seconds the first part of `todo` may use (see the module docstring)."""
+    total = sum(estimates[name] for name in todo)
+    seconds = max(0.0, seconds_left) * estimates[todo[0]] / total if total else 0.0
+    return min(seconds, max_share * estimates[todo[0]]) if max_share else seconds

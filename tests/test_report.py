@@ -1,0 +1,136 @@
+"""`iecl report`: the dry run end to end (as a GPU lease would run it: a
+source checkout with no installation), and the runner's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from iecl.cli import main
+from iecl.profiling.report import document
+from iecl.profiling.report.plan import DRY_RUN, FULL, PART_NAMES, PARTS, share
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILE_PARTS = {p.name for p in PARTS if p.optional}
+
+
+def _report(tmp_path: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python3 CHECKOUT report ...`, from a folder whose own model.py, train.py
+    and pipeline/ would shadow ours if anything imported them as top-level names."""
+    cwd = cwd or tmp_path / "user"
+    cwd.mkdir(exist_ok=True)
+    for decoy in ("model.py", "train.py"):
+        (cwd / decoy).write_text("raise SystemExit('the user\\'s own module was imported')\n")
+    (cwd / "pipeline").mkdir(exist_ok=True)
+    (cwd / "pipeline" / "__init__.py").write_text("raise SystemExit('the user\\'s own package was imported')\n")
+    return subprocess.run([sys.executable, str(ROOT), "report", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_dry_run_runs_every_part_from_a_plain_checkout(tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    proc = _report(tmp_path, "--out", str(out), "--work", str(work), "--dry-run", "--pack")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    record = json.loads((out / "report.json").read_text())
+    for name in PART_NAMES:
+        status = record["parts"][name]["status"]
+        # torch.compile cannot warm up within a dry run's seconds on a CPU: stopped, reported, not fatal
+        assert status == "ok" or (name in COMPILE_PARTS and status == "over budget"), (name, record["parts"][name])
+        assert (out / "logs" / f"{name}.log").exists()
+        assert f"| {name} | {status} |" in (out / "report.md").read_text()
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["iecl_package"] == str(ROOT)  # the checkout ran, not an installed copy
+    assert machine["matmul_bf16_tflops"] > 0 and machine["copy_gb_per_s"] > 0
+    # The figures in report.md are the parts' own numbers.
+    md = (out / "report.md").read_text()
+    loader = json.loads((out / "loader.json").read_text())
+    assert {r["backend"] for r in loader["runs"]} == {"pil", "dali", "ffcv"}
+    assert all("error" not in r for r in loader["runs"])
+    ratio = document.dali_over_pil(loader)["ratio"]
+    assert f"{ratio:.2f}x" in md
+    r50 = json.loads((out / "profile-r50.json").read_text())
+    assert r50["backbone"] == DRY_RUN.r50 and r50["batch_size"] == DRY_RUN.batch_size and r50["saib"]
+    assert r50["data"].startswith("dali loader")  # the real loader, where DALI imports
+    assert f"{100 * r50['step_ms']['model_only'] / r50['step_ms']['wall_clock']:.0f}%" in md
+    compare = json.loads((out / "compare.json").read_text())
+    assert compare["complete"] and len(compare["rows"]) == 10
+    assert all("loader" in row and "model_only" in row for row in compare["rows"])
+    in_step = json.loads((out / "saib-in-step.json").read_text())
+    assert in_step["triton"]["saib_impl"] == "triton" and "saib_bwd" in in_step["triton"]["stages"]
+    saib = json.loads((out / "saib.json").read_text())
+    assert set(saib["results"]) == {"reference", "triton"} and saib["config"]["weights"] == "channels_last"
+    anchor = json.loads((out / "anchor.json").read_text())
+    assert all(row["img_per_s"] > 0 for row in anchor["models"].values())
+    for png in ("loader.png", "steps.png", "compare.png"):
+        with Image.open(out / png) as image:
+            image.verify()
+    with tarfile.open(tmp_path / "report.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {f"report/{f}" for f in ("report.md", "report.json", "compare.png", "logs/compare.log")} <= names
+    # Every part's progress reached the console as it ran.
+    assert "[11/11] profile-r50-compile" in proc.stdout and "compare: iecl compare: simsiam +SAIB" in proc.stdout
+
+
+def test_a_failing_part_is_recorded_and_the_rest_run(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "report"
+    proc = _report(tmp_path, "--out", str(out), "--dry-run", "--data", str(empty), "--parts", "data", "loader", "anchor")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    parts = json.loads((out / "report.json").read_text())["parts"]
+    assert parts["data"]["status"] == "failed" and "no images" in parts["data"]["error"].lower()
+    assert parts["loader"] == {**parts["loader"], "status": "skipped"} and "no data" in parts["loader"]["why"]
+    assert parts["anchor"]["status"] == "ok"
+    md = (out / "report.md").read_text()
+    assert "| data | failed |" in md and "| loader | skipped |" in md and "Not measured." in md
+    # The same folder takes more parts of the same plan, and keeps the earlier ones.
+    proc = _report(tmp_path, "--out", str(out), "--dry-run", "--data", str(empty), "--parts", "machine")
+    parts = json.loads((out / "report.json").read_text())["parts"]
+    assert set(parts) == {"data", "loader", "anchor", "machine"} and parts["machine"]["status"] == "ok"
+    # ... but not a report of another plan.
+    assert main(["report", "--out", str(out), "--data", str(empty), "--parts", "machine"]) == 2
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", "--out", str(tmp_path / "r"), "--parts", "nope"]) == 2
+    assert "unknown report part 'nope'" in capsys.readouterr().err
+    assert main(["report", "--out", str(tmp_path / "r"), "--budget-minutes", "0.1"]) == 2
+    assert main(["report", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_budget_shares_follow_the_estimates():
+    estimates = {"a": 10, "b": 30, "c": 60}
+    assert share(100, ["a", "b", "c"], estimates) == pytest.approx(10)
+    assert share(90, ["b", "c"], estimates) == pytest.approx(30)  # a used exactly its share
+    assert share(95, ["b", "c"], estimates) == pytest.approx(95 / 3)  # what a did not use passes on
+    assert share(-5, ["c"], estimates) == 0
+    assert share(100, ["c"], estimates, max_share=1.5) == pytest.approx(90)
+    for scale in (FULL, DRY_RUN):
+        assert set(scale.estimates) == set(PART_NAMES)
+    assert FULL.batch_size == 256 and FULL.image_size == 224 and FULL.patch == 16 and FULL.images >= 10_000
+
+
+def test_report_help_lists_the_parts(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    text = capsys.readouterr().out
+    assert "--dry-run" in text and all(name in text for name in PART_NAMES)
+
+
+def test_the_device_script_runs_the_checkout(tmp_path):
+    out = tmp_path / "r"
+    env = {**os.environ, "IECL_REPORT_OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "profiling" / "scripts" / "gpu_report.sh"), "--dry-run", "--parts", "machine",
+                           "--work", str(tmp_path / "work")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["parts"]["machine"]["status"] == "ok"
+    assert (tmp_path / "r.tar.gz").stat().st_size > 0
