@@ -9,6 +9,9 @@ preferred layout without a copy beyond the one the normalisation writes.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+IMPLS = ("reference", "triton")
 
 
 def prepare_view_reference(
@@ -31,8 +34,8 @@ def view_prep_impl(impl: str, device: torch.device):
     warning saying why."""
     if impl == "reference":
         return prepare_view_reference
-    if impl != "triton":
-        raise ValueError(f"view_prep impl must be 'reference' or 'triton', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"view_prep impl must be one of {IMPLS}, got {impl!r}")
     from iecl.kernels._triton import triton_available, warn_fallback
 
     ok, reason = triton_available(device)
@@ -44,14 +47,28 @@ def view_prep_impl(impl: str, device: torch.device):
     return prepare_view_triton
 
 
-class ViewPrep:
-    """One view's preparation with its constants bound: uint8 (B, H, W, C) ->
-    (x - mean) / std as `dtype`, channels-last. Methods read `mean`, `std` and
-    `dtype` when they fuse the preparation into their own first kernel."""
+class ViewPrep(nn.Module):
+    """View preparation as a module: uint8 (B, H, W, C) -> (x - mean) / std as
+    `dtype`, channels-last, by `impl` ("reference" or "triton", chosen per
+    device on first use). `mean` and `std` are buffers, so they move with the
+    model, and not persistent, so checkpoints do not hold them. Methods read
+    `mean`, `std` and `dtype` when they fuse the preparation into their own
+    first kernel (SAIB's)."""
 
-    def __init__(self, impl: str, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype, device: torch.device):
-        self.fn = view_prep_impl(impl, device)
-        self.mean, self.std, self.dtype = mean, std, dtype
+    def __init__(self, impl: str, mean, std, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"view_prep impl must be one of {IMPLS}, got {impl!r}")
+        self.impl, self.dtype = impl, dtype
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32), persistent=False)
+        self._fns: dict[torch.device, object] = {}
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fn(images, self.mean, self.std, self.dtype)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        fn = self._fns.get(images.device)
+        if fn is None:
+            fn = self._fns[images.device] = view_prep_impl(self.impl, images.device)
+        return fn(images, self.mean, self.std, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl}, dtype={self.dtype}"

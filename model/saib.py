@@ -85,8 +85,17 @@ class SAIB(nn.Module):
         self.conv3 = ConvBN(2 * d, 2 * d, 1)
         self.conv4 = ConvBN(2 * d, d, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 3, H, W), channels-last."""
+    def forward(self, x: torch.Tensor, prepare=None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, H, W), channels-last. Or the loader's uint8
+        (B, H, W, 3) query view with its `prepare` (a kernels.view_prep.ViewPrep):
+        the view preparation is then SAIB's first load (fused with impl="triton")."""
+        if x.dtype == torch.uint8:
+            if prepare is None:
+                raise ValueError("SAIB on a uint8 view needs the view preparation (prepare=ViewPrep)")
+            return self.forward_uint8(x, prepare.mean, prepare.std, prepare.dtype)
+        return self._forward_prepared(x)
+
+    def _forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         if (b, c, h, w) != (self.batch_size, self.channels, self.height, self.width):
             raise ValueError(
@@ -118,7 +127,7 @@ class SAIB(nn.Module):
 
             return saib_triton_uint8(query, mean, std, dtype, self.functional_params(), self.patch_size,
                                      *self._bn_config())
-        return self(prepare_view_reference(query, mean, std, dtype))
+        return self._forward_prepared(prepare_view_reference(query, mean, std, dtype))
 
     def functional_params(self) -> SAIBParams:
         """Parameters and BatchNorm buffers for the functional implementations."""

@@ -37,6 +37,7 @@ import torch
 from iecl.profiling.harness import (
     batches,
     build_harness,
+    compile_if_configured,
     load_resolved,
     resident_views,
     run_steps,
@@ -76,14 +77,12 @@ def _timing(step_seconds: float, batch: int, images: int) -> dict:
 
 def measure(cfg, images, steps: int, warmup: int, epoch_images: int) -> dict:
     """One (method, SAIB) configuration: model-only, then (with `images`) the real loader."""
-    h = build_harness(cfg, images)
+    h = build_harness(cfg, images, total_steps=max(2 * (warmup + steps), 1000))
     try:
         device, batch = h.device, cfg.train.batch_size
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        h.total_steps = max(2 * (warmup + steps), 1000)
-        if cfg.train.compile:
-            h.method.compile_encoders()
+        compile_if_configured(h)
         resident = itertools.cycle(resident_views(cfg, device))
         warm_s, _ = run_steps(h, resident, warmup)
         wall, _ = run_steps(h, resident, steps, first_step=warmup)

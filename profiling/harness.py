@@ -1,11 +1,6 @@
-"""A training step that can be timed stage by stage, built exactly as
-`iecl pretrain` builds it (`train.loop.build` / `build_model`).
-
-`train_step` is the body of `train.loop.pretrain`'s step with the method's
-`step_on_views` opened up (SAIB forward and the view preparation as separate
-calls, same order, same arguments), so that a `Laps` timeline can be marked
-between stages. `tests/test_profiling.py` checks that it computes the same
-losses as `Method.step_on_views`; if the loop's step changes, change this too.
+"""The training step of `iecl pretrain` (train/step.py), built as the loop
+builds it (`train.loop.build` / `build_model` / `build_step`), and timed
+stage by stage without a copy of it.
 
 Marks are CUDA events on a GPU (recorded in stream order, read after one
 synchronisation at the end, so the host runs ahead exactly as in training) and
@@ -13,26 +8,32 @@ synchronisation at the end, so the host runs ahead exactly as in training) and
 Consecutive marks share their boundaries: the stages of a step add up to the
 time between its first and last mark by construction, and the gap a stage
 leaves on the device (waiting for data, a host synchronisation) is counted in
-the stage that ends it.
+the stage that ends it. The marks come from:
+
+- the step itself (`Step.mark`): "heads_loss" after the forward, "sync" after
+  the agreement, "backward", "optimizer", "momentum";
+- forward hooks added here on the modules the method has: after its view
+  preparation ("view_prep") and SAIB ("saib_fwd"), before each encoder it
+  names in `Method.encoders()` ("heads_loss": what ran since the last mark)
+  and after it ("online_fwd", "target_fwd");
+- a gradient hook on SAIB's output: SAIB's autograd nodes are the step's
+  oldest, and the engine runs the newest ready node first, so what the
+  backward does after the gradient reaches SAIB is SAIB's own ("saib_bwd");
+- the caller, "data", when a batch has arrived.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from iecl.kernels.view_prep import ViewPrep
 from iecl.model.methods import Method
-from iecl.pipeline import MEAN_255, STD_255
 from iecl.train.config import Config, load_config, resolve_runtime, validate
-from iecl.train.faults import NonFiniteGuard
-from iecl.train.loop import DTYPES, build, build_model
-from iecl.train.optim import set_lr, warmup_cosine
+from iecl.train.loop import build, build_model, build_step
+from iecl.train.step import Step
 
 #: the stages of a step, in timeline order, with their table labels
 STAGES = {
@@ -73,6 +74,7 @@ class Laps:
         self.enabled = False
         self._marks: list[tuple[str, object]] = []
         self._step_ends: list[int] = []
+        self._in_saib = False
 
     def _now(self):
         if self.cuda:
@@ -87,7 +89,14 @@ class Laps:
 
     def lap(self, stage: str) -> None:
         if self.enabled:
+            if stage == "backward" and self._in_saib:  # the step's mark after backward() returned
+                stage, self._in_saib = "saib_bwd", False
             self._marks.append((stage, self._now()))
+
+    def saib_reached(self, grad: torch.Tensor) -> None:
+        """A gradient hook on SAIB's output: the encoders' backward is done."""
+        self.lap("backward")
+        self._in_saib = True
 
     def end_step(self) -> None:
         if self.enabled:
@@ -108,133 +117,59 @@ class Laps:
         return steps
 
 
-class TimedEncoder(nn.Module):
-    """Wraps an encoder so its forwards are marked as `stage`; whatever ran
-    since the previous mark (heads, loss terms) is charged to `heads_loss`."""
-
-    def __init__(self, inner: nn.Module, stage: str, laps: Laps) -> None:
-        super().__init__()
-        self.inner, self.stage = inner, stage
-        self._laps = laps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._laps.lap("heads_loss")
-        out = self.inner(x)
-        self._laps.lap(self.stage)
-        return out
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
-
-
 @dataclass
 class Harness:
     cfg: Config
     device: torch.device
     method: Method
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    base_lr: float
-    prepare: ViewPrep
-    autocast: object
-    guard: NonFiniteGuard
+    step: Step
     laps: Laps
     loader: object = None  # None: data resident on the device
-    total_steps: int = 1000
 
     def close(self) -> None:
         if self.loader is not None:
             self.loader.close()
 
 
-def build_harness(cfg: Config, images=None) -> Harness:
-    """The method, optimizer and (with `images`) loader of `iecl pretrain`."""
+def build_harness(cfg: Config, images=None, total_steps: int = 1000) -> Harness:
+    """The method, optimizer, step and (with `images`) loader of `iecl pretrain`,
+    marked on the harness's `laps`. `total_steps` sets the schedule's length
+    (a profile stays near its start). Not compiled yet: see `compile_if_configured`."""
     device = torch.device(cfg.train.device)
     if images is not None:
-        method, loader, optimizer, scaler, base_lr = build(cfg, images, device)
+        method, loader, optimizer, scaler, base_lr = build(cfg, images, device, rank=0, world_size=1)
     else:
         torch.manual_seed(cfg.run.seed)
-        method, optimizer, scaler, base_lr = build_model(cfg, device)
+        method, optimizer, scaler, base_lr = build_model(cfg, device, world_size=1)
         loader = None
-    dtype = DTYPES[cfg.train.precision]
-    prepare = ViewPrep(cfg.kernels.view_prep, torch.tensor(MEAN_255, device=device),
-                       torch.tensor(STD_255, device=device), dtype, device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    laps = Laps(device)
+    steps_per_epoch = len(loader) if loader is not None else total_steps
+    step = build_step(cfg, method, optimizer, scaler, base_lr, steps_per_epoch, device, total=total_steps)
+    step.mark = laps.lap
+    instrument(method, laps)
     method.train()
-    return Harness(cfg, device, method, optimizer, scaler, base_lr, prepare, autocast,
-                   NonFiniteGuard(cfg.train.max_nonfinite), Laps(device), loader)
+    return Harness(cfg, device, method, step, laps, loader)
 
 
-def compile_and_instrument(h: Harness) -> None:
-    """`train.compile` as the loop does it, then the encoders' timing wrappers
-    (outside the compiled modules, so the marks cause no graph breaks)."""
+def instrument(method: Method, laps: Laps) -> None:
+    """The forward hooks of the module docstring."""
+    method.prepare.register_forward_hook(lambda *_: laps.lap("view_prep"))
+    if method.saib is not None:
+        def after_saib(module, args, out):
+            laps.lap("saib_fwd")
+            if out.requires_grad:
+                out.register_hook(laps.saib_reached)
+        method.saib.register_forward_hook(after_saib)
+    for role, encoder in method.encoders().items():
+        encoder.register_forward_pre_hook(lambda *_: laps.lap("heads_loss"))
+        encoder.register_forward_hook(lambda *_, stage=f"{role}_fwd": laps.lap(stage))
+
+
+def compile_if_configured(h: Harness) -> None:
+    """`train.compile` as the loop does it (the encoders' parts; the hooked
+    encoder modules stay eager, so the marks cause no graph breaks)."""
     if h.cfg.train.compile:
         h.method.compile_encoders()
-    for name, stage in (("online", "online_fwd"), ("target", "target_fwd")):
-        inner = getattr(h.method, name, None)
-        if isinstance(inner, nn.Module) and not isinstance(inner, TimedEncoder):
-            setattr(h.method, name, TimedEncoder(inner, stage, h.laps))
-
-
-def train_step(h: Harness, anchor_u8: torch.Tensor, query_u8: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-    """One step of `train.loop.pretrain`, marked on `h.laps` when it is enabled."""
-    losses, reached_saib = forward_step(h, anchor_u8, query_u8, step)
-    h.optimizer.zero_grad(set_to_none=True)
-    finite = h.guard.finite(losses["loss"], step)
-    h.laps.lap("sync")
-    if finite:
-        backward_step(h, losses, reached_saib)
-        update_step(h, step)
-    return losses
-
-
-def forward_step(h: Harness, anchor_u8: torch.Tensor, query_u8: torch.Tensor, step: int):
-    """Learning rate, view preparation, SAIB and the method's losses:
-    `Method.step_on_views` opened up. -> (losses, did the backward reach SAIB?)"""
-    m, lap = h.method, h.laps.lap
-    lr = h.base_lr * warmup_cosine(step, h.total_steps, 0, h.cfg.optim.min_lr_ratio)
-    set_lr(h.optimizer, lr, h.base_lr)
-    with h.autocast:
-        if m.saib is not None:
-            query = m.saib.forward_uint8(query_u8, h.prepare.mean, h.prepare.std, h.prepare.dtype)
-            lap("saib_fwd")
-            anchor = h.prepare(anchor_u8)
-        else:
-            anchor, query = h.prepare(anchor_u8), h.prepare(query_u8)
-        lap("view_prep")
-        reached_saib = _mark_saib_backward(h, query)
-        losses = m.loss_on_views(anchor, query)
-        lap("heads_loss")
-    return losses, reached_saib
-
-
-def backward_step(h: Harness, losses: dict[str, torch.Tensor], reached_saib) -> None:
-    h.scaler.scale(losses["loss"]).backward()
-    h.laps.lap("saib_bwd" if reached_saib() else "backward")
-
-
-def update_step(h: Harness, step: int) -> None:
-    h.scaler.step(h.optimizer)
-    h.scaler.update()
-    h.laps.lap("optimizer")
-    h.method.momentum_update(step / h.total_steps)
-    h.laps.lap("momentum")
-
-
-def _mark_saib_backward(h: Harness, query: torch.Tensor):
-    """Mark the moment the query's gradient reaches SAIB. SAIB's autograd
-    nodes are the step's oldest, and the engine runs the newest ready node
-    first, so everything after this mark in the backward is SAIB's own."""
-    fired = [False]
-    if h.method.saib is not None and query.requires_grad:
-        def hook(grad):
-            fired[0] = True
-            h.laps.lap("backward")
-        query.register_hook(hook)
-    return lambda: fired[0]
 
 
 def resident_views(cfg: Config, device: torch.device, count: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -263,8 +198,8 @@ def batches(h: Harness, views: list | None = None) -> Iterator[tuple[torch.Tenso
 
 
 def run_steps(h: Harness, source: Iterator, steps: int, first_step: int = 0, laps: bool = False) -> tuple[float, list[dict]]:
-    """Run `steps` steps from `source`; (wall-clock seconds, synchronised at
-    both ends; per-step stage seconds when `laps`)."""
+    """Run `steps` training steps from `source`; (wall-clock seconds,
+    synchronised at both ends; per-step stage seconds when `laps`)."""
     synchronize(h.device)
     start = time.perf_counter()
     if laps:
@@ -272,7 +207,7 @@ def run_steps(h: Harness, source: Iterator, steps: int, first_step: int = 0, lap
     for i in range(steps):
         anchor, query = next(source)
         h.laps.lap("data")
-        train_step(h, anchor, query, first_step + i)
+        h.step(anchor, query, first_step + i)
         h.laps.end_step()
     synchronize(h.device)
     wall = time.perf_counter() - start
@@ -292,13 +227,12 @@ def step_flop(h: Harness, anchor_u8: torch.Tensor, query_u8: torch.Tensor) -> in
         saib.impl = "reference"
     try:
         with FlopCounterMode(display=False) as counter:
-            with h.autocast:
-                losses = h.method.step_on_views(anchor_u8, query_u8, h.prepare)
+            losses, _, _ = h.step.forward(anchor_u8, query_u8, 0)
             losses["loss"].backward()
     finally:
         if saib is not None:
             saib.impl = impl
-        h.optimizer.zero_grad(set_to_none=True)
+        h.step.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 

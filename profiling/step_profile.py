@@ -38,18 +38,14 @@ from iecl.profiling.bench_saib import matmul_tflops
 from iecl.profiling.harness import (
     STAGES,
     Harness,
-    backward_step,
     batches,
     build_harness,
-    compile_and_instrument,
+    compile_if_configured,
     describe,
-    forward_step,
     resident_views,
     run_steps,
     step_flop,
     synchronize,
-    train_step,
-    update_step,
 )
 from iecl.profiling.machine import device_name, versions
 
@@ -58,7 +54,8 @@ def profile(cfg, images, steps: int = 20, warmup: int = 5, isolate_iters: int = 
             trace: str | None = None, trace_steps: int = 3, log=print) -> dict:
     """The whole report as one JSON-serialisable dict. `images=None`: data
     resident on the device (the data stage is then only the host's hand-over)."""
-    h = build_harness(cfg, images)
+    # The schedule's length: long enough that the profiled steps stay near its start.
+    h = build_harness(cfg, images, total_steps=max(warmup + 2 * steps + trace_steps + 1, 1000))
     try:
         return _profile(h, cfg, steps, warmup, isolate_iters, trace, trace_steps, log)
     finally:
@@ -67,9 +64,8 @@ def profile(cfg, images, steps: int = 20, warmup: int = 5, isolate_iters: int = 
 
 def _profile(h: Harness, cfg, steps, warmup, isolate_iters, trace, trace_steps, log) -> dict:
     views = resident_views(cfg, h.device)
-    h.total_steps = max(warmup + steps + trace_steps + 1, 1000)  # the schedule stays near its start
     flop = step_flop(h, *views[0])
-    compile_and_instrument(h)
+    compile_if_configured(h)
     source = batches(h, views)
     log(f"iecl profile: {describe(cfg)}; warming up ({warmup} steps{', compiling' if cfg.train.compile else ''})")
     warm_s, _ = run_steps(h, source, warmup)
@@ -110,50 +106,42 @@ def _timed_alone(h: Harness, fn, iters: int, setup=None) -> dict[str, float]:
 
 def isolate(h: Harness, views, source, iters: int) -> dict[str, float]:
     """Seconds (median) of each stage run alone; see the module docstring."""
-    m, (a_u8, q_u8) = h.method, views[0]
+    m, step, (a_u8, q_u8) = h.method, h.step, views[0]
     out: dict[str, float] = {}
     if source is not None:
         out["data"] = _timed_alone(h, lambda _: next(source), iters)["total"]
     if m.saib is not None:
-        out["view_prep"] = _timed_alone(h, lambda _: h.prepare(a_u8), iters)["total"]
+        out["view_prep"] = _timed_alone(h, lambda _: m.prepare(a_u8), iters)["total"]
         out["saib_fwd"] = _timed_alone(h, lambda _: _saib_forward(h, q_u8), iters)["total"]
     else:
-        out["view_prep"] = _timed_alone(h, lambda _: (h.prepare(a_u8), h.prepare(q_u8)), iters)["total"]
-    anchor, query = h.prepare(a_u8), h.prepare(q_u8)
-    for name, stage in (("online", "online_fwd"), ("target", "target_fwd")):
-        encoder = getattr(m, name, None)
-        if encoder is not None:
-            grad = torch.enable_grad() if name == "online" else torch.no_grad()
-            out[stage] = _timed_alone(h, lambda _, e=encoder, g=grad: _two_forwards(h, e, g, anchor, query), iters)[stage]
+        out["view_prep"] = _timed_alone(h, lambda _: (m.prepare(a_u8), m.prepare(q_u8)), iters)["total"]
+    anchor, query = m.prepare(a_u8), m.prepare(q_u8)
+    for role, encoder in m.encoders().items():
+        stage = f"{role}_fwd"
+        grad = torch.enable_grad() if role == "online" else torch.no_grad()
+        out[stage] = _timed_alone(h, lambda _, e=encoder, g=grad: _two_forwards(h, e, g, anchor, query), iters)[stage]
 
     def forward(_=None):
-        losses, reached = forward_step(h, a_u8, q_u8, step=0)
-        h.optimizer.zero_grad(set_to_none=True)
-        return losses, reached
+        return step.forward(a_u8, q_u8, 0)[0]
 
-    backward = _timed_alone(h, lambda state: backward_step(h, *state), iters, setup=forward)
+    backward = _timed_alone(h, lambda losses: step.backward(losses), iters, setup=forward)
     out["backward"] = backward.get("backward", 0.0)
     if m.saib is not None:
         out["saib_bwd"] = backward.get("saib_bwd", 0.0)
-    optimizer = _timed_alone(h, lambda _: update_step(h, step=0), iters, setup=lambda: _backward_only(h, forward))
+    optimizer = _timed_alone(h, lambda _: step.update(0), iters, setup=lambda: step.backward(forward()))
     out["optimizer"], out["momentum"] = optimizer["optimizer"], optimizer["momentum"]
     return out
 
 
 def _saib_forward(h: Harness, query_u8) -> None:
-    with h.autocast:  # as in the step: the kernels' tiles are chosen for the autocast dtype
-        h.method.saib.forward_uint8(query_u8, h.prepare.mean, h.prepare.std, h.prepare.dtype)
+    with h.step.autocast():  # as in the step: the kernels' tiles are chosen for the autocast dtype
+        h.method.saib(query_u8, h.method.prepare)
 
 
 def _two_forwards(h: Harness, encoder, grad_mode, anchor, query) -> None:
-    with h.autocast, grad_mode, parametrize.cached():
+    with h.step.autocast(), grad_mode, parametrize.cached():
         encoder(anchor)
         encoder(query)
-
-
-def _backward_only(h: Harness, forward) -> None:
-    losses, _reached = forward()
-    h.scaler.scale(losses["loss"]).backward()
 
 
 # ------------------------------------------------------------- trace
@@ -171,7 +159,7 @@ def write_trace(h: Harness, source, path: str, steps: int, first_step: int) -> d
         for i in range(steps):
             with record_function(f"iecl_step_{first_step + i}"):
                 anchor, query = next(source)
-                train_step(h, anchor, query, first_step + i)
+                h.step(anchor, query, first_step + i)
         synchronize(h.device)
     prof.export_chrome_trace(path)
     sort = "self_cuda_time_total" if h.device.type == "cuda" else "self_cpu_time_total"

@@ -116,10 +116,17 @@ def inject_nan(method, steps: set[int]) -> None:
     original, calls = method.loss_on_views, [0]
 
     def faulty(anchor, query):
-        losses = original(anchor, query)
+        losses, embeddings = original(anchor, query)
         if calls[0] in steps:
             losses["loss"] = losses["loss"] * float("nan")
         calls[0] += 1
-        return losses
+        return losses, embeddings
 
     method.loss_on_views = faulty
+
+
+def on_prepared(method, anchor: torch.Tensor, query: torch.Tensor):
+    """A method's step on already prepared float views (B, 3, H, W): SAIB (if
+    any) on the query, then the loss -> (losses, embeddings). The loop's entry
+    point, `method(anchor_u8, query_u8)`, does the view preparation first."""
+    return method.loss_on_views(anchor, method.saib(query) if method.saib is not None else query)

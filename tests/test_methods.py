@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, on_prepared
 
 from iecl.kernels.view_prep import ViewPrep
 from iecl.model.losses import QueueInfoNCE
@@ -72,7 +72,7 @@ def test_trains_on_a_fixed_batch(name, saib):
     anchor, query = views()
     history = []
     for step in range(8):
-        losses = method.training_step(anchor, query)
+        losses, _ = on_prepared(method, anchor, query)
         assert all(v.ndim == 0 for v in losses.values()), {k: v.shape for k, v in losses.items()}
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -96,19 +96,21 @@ def test_trains_on_a_fixed_batch(name, saib):
 
 @pytest.mark.parametrize("saib", [False, True], ids=["plain", "saib"])
 @pytest.mark.parametrize("name", BASELINES)
-def test_step_on_views_equals_training_step_on_prepared_views(name, saib):
+def test_the_entry_point_equals_the_step_on_prepared_views(name, saib):
+    """`method(anchor_u8, query_u8)` (the view preparation inside the method,
+    the query's fused into SAIB) computes what the step on prepared views does."""
     method = build(name, saib=saib)
     generator = torch.Generator().manual_seed(1)
     anchor_u8, query_u8 = (torch.randint(0, 256, (BATCH, SIZE, SIZE, 3), dtype=torch.uint8, generator=generator)
                            for _ in range(2))
-    prepare = ViewPrep("reference", torch.tensor(MEAN_255), torch.tensor(STD_255), torch.float32, CPU)
+    prepare = ViewPrep("reference", torch.tensor(MEAN_255), torch.tensor(STD_255), torch.float32)
     twin = copy.deepcopy(method)  # a step changes state (BN buffers, power iterations, the queue)
-    fused = method.step_on_views(anchor_u8, query_u8, prepare)
-    plain = twin.training_step(prepare(anchor_u8), prepare(query_u8))
+    fused, fused_embeddings = method(anchor_u8, query_u8)
+    plain, plain_embeddings = on_prepared(twin, prepare(anchor_u8), prepare(query_u8))
     assert fused.keys() == plain.keys() and "loss" in fused
     for key in fused:
         assert torch.equal(fused[key], plain[key]), key
-    for mine, theirs in zip(method.embeddings, twin.embeddings, strict=True):
+    for mine, theirs in zip(fused_embeddings, plain_embeddings, strict=True):
         assert torch.equal(mine, theirs)
     for (key, mine), theirs in zip(method.state_dict().items(), twin.state_dict().values(), strict=True):
         assert torch.equal(mine, theirs), key
@@ -128,8 +130,7 @@ def test_embeddings_are_the_online_projections_of_both_views(name):
     method = build(name, symmetric=True) if name == "mocov2" else build(name)
     online = method.encoder if isinstance(method, SimCLR | SimSiam) else method.online
     projected = _capture_outputs(online.projector)
-    method.training_step(*views())
-    z_anchor, z_query = method.embeddings
+    _, (z_anchor, z_query) = on_prepared(method, *views())
     assert z_anchor.shape == z_query.shape == (BATCH, OUT)
     assert not z_anchor.requires_grad and not z_query.requires_grad
     # Projector outputs, not predictor outputs; SimCLR runs both views in one forward.
@@ -141,9 +142,9 @@ def test_embeddings_are_the_online_projections_of_both_views(name):
 def test_asymmetric_moco_reports_the_anchor_key_as_its_anchor_embedding():
     method = build("mocov2")
     online, keys = _capture_outputs(method.online), _capture_outputs(method.target)
-    method.training_step(*views())
+    _, embeddings = on_prepared(method, *views())
     assert len(online) == 1 and len(keys) == 1  # as in the paper: one query and one key forward
-    assert torch.equal(method.embeddings[0], keys[0]) and torch.equal(method.embeddings[1], online[0])
+    assert torch.equal(embeddings[0], keys[0]) and torch.equal(embeddings[1], online[0])
 
 
 def test_nce_candidates_and_directions():
@@ -157,7 +158,7 @@ def test_nce_candidates_and_directions():
         assert method.nce_directions == 0
         with pytest.raises(NotImplementedError):
             method.nce_candidates(BATCH)
-        assert "loss_nce" not in method.training_step(*views())
+        assert "loss_nce" not in on_prepared(method, *views())[0]
 
 
 # ------------------------------------------------------------------ MoCo v2
@@ -169,7 +170,7 @@ def test_moco_loss_uses_the_queue_before_the_step_and_enqueues_each_key_once(sym
     online, target = _capture_outputs(method.online), _capture_outputs(method.target)
     method.queue.ptr.fill_(95)  # so this step's keys wrap around the end
     before = method.queue.keys.clone()
-    losses = method.training_step(*views())
+    losses, _ = on_prepared(method, *views())
 
     infonce = QueueInfoNCE(0.2)
     if symmetric:  # forwards: online(anchor), online(query); target(anchor), target(query)
@@ -200,10 +201,10 @@ def test_moco_queue_is_state_and_only_training_enqueues():
     assert state["queue.keys"].shape == (64, OUT) and state["queue.ptr"].item() == 0
     method.eval()
     with torch.no_grad():
-        method.training_step(*views())
+        on_prepared(method, *views())
     assert method.queue.ptr.item() == 0
     method.train()
-    method.training_step(*views())
+    on_prepared(method, *views())
     assert method.queue.ptr.item() == BATCH
     resumed = build("mocov2", queue_size=64)
     resumed.load_state_dict(method.state_dict())
@@ -212,7 +213,7 @@ def test_moco_queue_is_state_and_only_training_enqueues():
 
 def test_moco_key_encoder_gets_no_gradient_and_follows_a_constant_ema():
     method = build("mocov2", momentum=0.9)
-    method.training_step(*views())["loss"].backward()
+    on_prepared(method, *views())[0]["loss"].backward()
     assert all(p.grad is None for p in method.target.parameters())
     assert all(p.grad is not None for p in method.online.parameters())
     with torch.no_grad():
@@ -260,7 +261,7 @@ def test_byol_gradient_stops_at_the_target_branch():
     method = build("byol", saib=True)
     targets = _capture_outputs(method.target)
     calls = _record_loss_inputs(method.criterion)
-    method.training_step(*views())["loss"].backward()
+    on_prepared(method, *views())[0]["loss"].backward()
     assert len(targets) == 2 and not any(t.requires_grad for t in targets)
     # L = NMSE(p(anchor), sg(t(query))) + NMSE(p(query), sg(t(anchor))): the query is the first term's target.
     assert [torch.equal(target, t) for (_, target), t in zip(calls, reversed(targets), strict=True)] == [True, True]
@@ -283,7 +284,7 @@ def test_simsiam_gradient_stops_at_the_projection_targets():
     projected = _capture_outputs(method.encoder.projector)  # z_anchor, z_query
     method.encoder.projector.register_forward_hook(lambda _m, _i, out: out.retain_grad())
     calls = _record_loss_inputs(method.criterion)
-    method.training_step(*views())["loss"].backward()
+    on_prepared(method, *views())[0]["loss"].backward()
     z_anchor, z_query = projected
     # D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2
     assert torch.equal(calls[0][1], z_query) and torch.equal(calls[1][1], z_anchor)

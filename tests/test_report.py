@@ -30,7 +30,7 @@ def _report(tmp_path: Path, *args: str, cwd: Path | None = None) -> subprocess.C
         (cwd / decoy).write_text("raise SystemExit('the user\\'s own module was imported')\n")
     (cwd / "pipeline").mkdir(exist_ok=True)
     (cwd / "pipeline" / "__init__.py").write_text("raise SystemExit('the user\\'s own package was imported')\n")
-    return subprocess.run([sys.executable, str(ROOT), "report", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(ROOT), "report", *args], cwd=cwd, check=False, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -129,7 +129,7 @@ def test_the_device_script_runs_the_checkout(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "IECL_REPORT_OUT": str(out), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "profiling" / "scripts" / "gpu_report.sh"), "--dry-run", "--parts", "machine",
-                           "--work", str(tmp_path / "work")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           "--work", str(tmp_path / "work")], env=env, cwd=tmp_path, check=False, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["parts"]["machine"]["status"] == "ok"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import on_prepared
 
 from iecl.model.methods import build_method
 from iecl.model.saib import SAIB, patchify, unpatchify
@@ -106,7 +107,7 @@ def test_gradients_reach_every_saib_parameter_through(term):
     torch.manual_seed(0)
     method = _tiny_iecl()
     anchor, query = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    method.training_step(anchor, query)[term].backward()
+    on_prepared(method, anchor, query)[0][term].backward()
     for name, param in method.saib.named_parameters():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name

@@ -11,7 +11,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from conftest import inject_nan, tiny_config
+from conftest import inject_nan, on_prepared, tiny_config
 
 from iecl.kernels.view_prep import prepare_view_reference
 from iecl.pipeline import MEAN_255, STD_255, scan_image_folder
@@ -38,7 +38,7 @@ def test_optimisation_path_fits_a_fixed_batch(tiny_data, tmp_path):
     anchor, query = _views(next(iter(loader)))
     history = []
     for _ in range(15):
-        losses = method.training_step(anchor, query)
+        losses, _ = on_prepared(method, anchor, query)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -63,7 +63,7 @@ def test_short_pretraining_run_lowers_the_loss(sixteen_images, tmp_path):
         for epoch in (1000, 1001, 1002):  # epochs the run never reaches
             loader.set_epoch(epoch)
             with torch.no_grad():
-                total += method.training_step(*_views(next(iter(loader))))["loss"].item()
+                total += on_prepared(method, *_views(next(iter(loader))))[0]["loss"].item()
         return total / 3
 
     method, loader, *_ = build(cfg, images, CPU)
@@ -199,19 +199,16 @@ def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data):
         assert any("TRITON_INTERPRET=1" in str(w.message) for w in caught)
 
 
-def test_step_on_views_equals_training_step_on_prepared_views(tiny_data, tmp_path):
+def test_the_entry_point_equals_the_step_on_prepared_views(tiny_data, tmp_path):
     """The loop's entry point (uint8 views, preparation inside the method, the
-    query's fused into SAIB) computes exactly what training_step computes."""
-    from iecl.kernels.view_prep import ViewPrep
-
+    query's fused into SAIB) computes exactly what the step on prepared views does."""
     cfg = tiny_config(tiny_data, tmp_path)
     method, loader, *_ = build(cfg, scan_image_folder(tiny_data), CPU)
     loader.set_epoch(0)
     batch = next(iter(loader))
-    prepare = ViewPrep("reference", MEAN, STD, torch.float32, CPU)
     twin = copy.deepcopy(method)  # a step changes state (spectral norm's power iteration, BN buffers)
-    fused = method.step_on_views(batch.anchor, batch.query, prepare)
-    plain = twin.training_step(*_views(batch))
+    fused, _ = method(batch.anchor, batch.query)
+    plain, _ = on_prepared(twin, *_views(batch))
     for key in fused:
         assert torch.equal(fused[key], plain[key]), key
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from iecl.model.distributed import initialized, rank, world_size  # ddp.rank() etc. too
 from iecl.train.config import Config, ConfigError
+from iecl.train.step import LocalAgreement, Verdict
 
 #: How long the other ranks wait in a control-group barrier while rank 0 works alone.
 CONTROL_TIMEOUT = timedelta(hours=2)
@@ -230,16 +231,6 @@ def _canonical_strides(module: nn.Module) -> None:
 # ---------------------------------------------------------------- agreement per step
 
 
-@dataclass
-class Verdict:
-    """What all ranks decided about one step."""
-
-    nonfinite_ranks: int = 0  # ranks whose loss was NaN or infinite: the step is skipped everywhere
-    stop: str | None = None  # "SIGTERM" or "SIGINT" if any rank received one: all stop after this step
-    error_ranks: int = 0  # ranks that met a data error: all stop before the update
-    bad_images: int = 0  # unreadable images replaced so far, summed over ranks
-
-
 class StepAgreement:
     """One all-reduce (sum) of five integers per step, after the forward and
     before the backward: [loss not finite, SIGINT seen, SIGTERM seen, data
@@ -250,6 +241,7 @@ class StepAgreement:
         self.device = device
 
     def __call__(self, loss: torch.Tensor, signal: str | None, error: bool, bad_images: int) -> Verdict:
+        # The same verdict as one process's train.step.LocalAgreement, agreed over the ranks.
         local = torch.tensor([0, signal == "SIGINT", signal == "SIGTERM", error, bad_images], dtype=torch.int64)
         flags = local.to(self.device)
         flags[0] = (~torch.isfinite(loss.detach())).to(torch.int64)
@@ -257,6 +249,11 @@ class StepAgreement:
         nonfinite, sigint, sigterm, errors, bad = flags.tolist()
         stop = "SIGTERM" if sigterm else "SIGINT" if sigint else None
         return Verdict(nonfinite, stop, errors, bad)
+
+
+def agreement(device: torch.device):
+    """The step's agreement: over the ranks under torchrun, this process's alone otherwise."""
+    return StepAgreement(device) if initialized() else LocalAgreement()
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

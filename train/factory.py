@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
+from iecl.kernels.view_prep import ViewPrep
 from iecl.model.methods import Method, build_method
+from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train import checkpoint as ckpt
 from iecl.train.config import Config, ConfigError, apply, resolve_method_defaults
+from iecl.train.step import DTYPES
 
 #: method-specific constructor arguments: name -> {argument: (section, key)}
 _SPECIFIC = {
@@ -58,7 +61,11 @@ def method_kwargs(cfg: Config) -> dict:
 
 
 def method_from_config(cfg: Config) -> Method:
-    return build_method(cfg.method.name, **method_kwargs(cfg))
+    method = build_method(cfg.method.name, **method_kwargs(cfg))
+    # The step's view preparation: the configured kernel, writing the autocast dtype
+    # (a config whose precision is not yet resolved, as in evaluation, gets fp32).
+    method.prepare = ViewPrep(cfg.kernels.view_prep, MEAN_255, STD_255, DTYPES.get(cfg.train.precision, torch.float32))
+    return method
 
 
 def eval_runtime(choice: str) -> tuple[torch.device, torch.dtype | None]:

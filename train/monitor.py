@@ -22,10 +22,9 @@ from iecl.train.config import Config, ConfigError
 from iecl.train.eval_data import LabelledSplits, labelled_splits
 
 
-def step_diagnostics(method: Method, losses: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
-    if method.embeddings is None:
-        return {}
-    z_anchor, z_query = method.embeddings
+def step_diagnostics(method: Method, losses: dict[str, torch.Tensor], embeddings: tuple[torch.Tensor, torch.Tensor],
+                     batch_size: int) -> dict[str, float]:
+    z_anchor, z_query = embeddings
     if method.nce_directions and "loss_nce" in losses:
         return diagnostics(
             z_query, z_anchor, losses["loss_nce"],

@@ -1,18 +1,21 @@
 """The interface every self-supervised method implements.
 
-The training loop knows only this: it hands each step's two uint8 views to
-`step_on_views` (by calling the method, possibly wrapped in
-DistributedDataParallel: `forward` is `step_on_views`), back-propagates `losses["loss"]`, steps the optimizer over
-`param_groups`, then calls `momentum_update`. Everything method-specific stays
-in the method's file.
+The training step (train/step.py) knows only this: it calls the method
+(possibly wrapped in DistributedDataParallel) on the loader's two uint8
+views, back-propagates `losses["loss"]`, steps the optimizer over
+`param_groups`, then calls `momentum_update`. Everything method-specific
+stays in the method's file.
 
-SAIB is plug-and-play (paper Table 5): a method built with `saib=True` owns a
-`SAIB` that transforms the loader's second view (the *query*) before that view
-enters any branch. For the contrastive methods that view is the query side;
-for BYOL and SimSiam it is the view the first loss term uses as its target
-(the symmetric term sends it through the online branch too, which is how
-SAIB's weights get their gradient). Methods implement `loss_on_views` on the
-prepared (normalised, SAIB-transformed) views; this class does the rest.
+The base class owns what every method does first: the view preparation
+(`prepare`, a module: uint8 NHWC -> normalised, channels-last) and the
+optional SAIB. SAIB is plug-and-play (paper Table 5): a method built with
+`saib=True` owns a `SAIB` that transforms the loader's second view (the
+*query*) before that view enters any branch, reading the uint8 view itself
+(its first load is the view preparation). For the contrastive methods that
+view is the query side; for BYOL and SimSiam it is the view the first loss
+term uses as its target (the symmetric term sends it through the online
+branch too, which is how SAIB's weights get their gradient). Methods
+implement `loss_on_views` on the prepared views; this class does the rest.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from iecl.kernels.view_prep import ViewPrep
 from iecl.model.encoder import Encoder
 from iecl.model.saib import SAIB
+from iecl.pipeline.views import MEAN_255, STD_255
+
+Losses = dict[str, torch.Tensor]
+Embeddings = tuple[torch.Tensor, torch.Tensor]
 
 
 class Method(nn.Module):
@@ -34,10 +42,10 @@ class Method(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        #: the view preparation; train.factory sets the configured one (impl, dtype)
+        self.prepare = ViewPrep("reference", MEAN_255, STD_255)
         self.saib: SAIB | None = None
         self.saib_weight_decay = 0.0
-        #: the last step's online embeddings (anchor, query), detached; for diagnostics
-        self.embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def build_saib(self, enabled: bool, batch_size: int, image_size: int, patch_size: int,
                    weight_decay: float, impl: str) -> None:
@@ -46,30 +54,21 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------- the step
 
-    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Prepared views (B, 3, H, W), the query already through SAIB ->
-        {"loss": scalar to minimise, other named scalars to log}. Set
-        `self.embeddings` to the online embeddings of both views (detached)."""
+    def forward(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor) -> tuple[Losses, Embeddings]:
+        """The step's forward, from the loader's uint8 (B, H, W, 3) views ->
+        ({"loss": scalar to minimise, other named scalars to log},
+        (online embedding of the anchor, of the query), both detached)."""
+        query = self.saib(query_u8, self.prepare) if self.saib is not None else self.prepare(query_u8)
+        return self.loss_on_views(self.prepare(anchor_u8), query)
+
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
+        """`forward` on prepared views (B, 3, H, W), the query already through SAIB."""
         raise NotImplementedError
 
-    def training_step(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both prepared views (B, 3, H, W) -> the losses."""
-        return self.loss_on_views(anchor, self.saib(query) if self.saib is not None else query)
-
-    def step_on_views(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor, prepare) -> dict[str, torch.Tensor]:
-        """`training_step` from the loader's uint8 NHWC views; `prepare(view_u8)`
-        normalises one view. With SAIB the query's normalisation is SAIB's first
-        load (fused with kernels.saib_impl=triton): the normalised query is
-        never written."""
-        if self.saib is None:
-            return self.loss_on_views(prepare(anchor_u8), prepare(query_u8))
-        query = self.saib.forward_uint8(query_u8, prepare.mean, prepare.std, prepare.dtype)
-        return self.loss_on_views(prepare(anchor_u8), query)
-
-    def forward(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor, prepare) -> dict[str, torch.Tensor]:
-        """`step_on_views`, as a module call: DistributedDataParallel hooks the
-        gradient averaging into `forward`, so the loop calls the (wrapped) method."""
-        return self.step_on_views(anchor_u8, query_u8, prepare)
+    def encoders(self) -> dict[str, nn.Module]:
+        """The encoders by role: "online" (trained by backprop) and, where the
+        method has one, "target" (its momentum copy). Profiling times each."""
+        raise NotImplementedError
 
     def nce_candidates(self, batch_size: int) -> int:
         """Candidates (1 positive + negatives) in each softmax of `loss_nce`."""
@@ -101,10 +100,13 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def compile_encoders(self) -> None:
-        """`torch.compile` every encoder in place (state_dict keys stay the same)."""
-        for module in self.children():
-            if isinstance(module, Encoder):
-                module.compile()
+        """`torch.compile` every encoder's backbone and projector in place
+        (state_dict keys stay the same). The encoder module itself stays eager,
+        so hooks on it (profiling's marks) run outside the compiled graphs."""
+        for encoder in self.encoders().values():
+            parts = (encoder.backbone, encoder.projector) if isinstance(encoder, Encoder) else (encoder,)
+            for part in parts:
+                part.compile()
 
 
 def decay_groups(module: nn.Module, weight_decay: float, prefix: str = "") -> list[dict]:

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import BYOLMLP
 from iecl.model.losses import NormalizedMSE
-from iecl.model.methods.base import Method
+from iecl.model.methods.base import Embeddings, Losses, Method
 from iecl.model.resnet import build_backbone
 
 
@@ -64,7 +64,7 @@ class BYOL(Method):
         self.base_momentum = momentum
         self.criterion = NormalizedMSE()
 
-    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # Separate forwards, each view with its own BatchNorm statistics (BYOL's code).
         with parametrize.cached():
             z_anchor, z_query = self.online(anchor), self.online(query)
@@ -72,8 +72,10 @@ class BYOL(Method):
                 t_anchor, t_query = self.target(anchor), self.target(query)
         p_anchor, p_query = self.predictor(z_anchor), self.predictor(z_query)
         loss = self.criterion(p_anchor, t_query) + self.criterion(p_query, t_anchor)
-        self.embeddings = (z_anchor.detach(), z_query.detach())
-        return {"loss": loss}
+        return {"loss": loss}, (z_anchor.detach(), z_query.detach())
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"online": self.online, "target": self.target}
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.online, self.predictor]

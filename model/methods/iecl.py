@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import MLPBNProjector
 from iecl.model.losses import GaussianKL, InfoNCE, build_entropy
-from iecl.model.methods.base import Method
+from iecl.model.methods.base import Embeddings, Losses, Method
 from iecl.model.resnet import build_backbone
 
 
@@ -62,7 +62,7 @@ class IECL(Method):
         self.kl = GaussianKL()
         self.entropy = build_entropy(entropy, coding_rate_eps)
 
-    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # Separate forwards: each view keeps its own BatchNorm statistics. Within
         # `cached()`, each spectral-normalised weight (one power iteration, one
         # division) is computed once per step, not once per forward, so both views
@@ -75,11 +75,14 @@ class IECL(Method):
         loss_kl = self.kl(q_query, q_anchor)
         entropy = self.entropy(q_query)
         loss = loss_nce + self.beta_kl * loss_kl - self.lambda_entropy * entropy
-        self.embeddings = (q_anchor.detach(), q_query.detach())
-        return {"loss": loss, "loss_nce": loss_nce, "loss_kl": loss_kl, "entropy": entropy}
+        losses = {"loss": loss, "loss_nce": loss_nce, "loss_kl": loss_kl, "entropy": entropy}
+        return losses, (q_anchor.detach(), q_query.detach())
 
     def nce_candidates(self, batch_size: int) -> int:
         return batch_size  # each query against the B keys of the batch
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"online": self.online, "target": self.target}
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.online]

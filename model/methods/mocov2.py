@@ -37,7 +37,7 @@ from iecl.model.distributed import gather_no_grad
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import MoCoV2Head
 from iecl.model.losses import QueueInfoNCE
-from iecl.model.methods.base import Method
+from iecl.model.methods.base import Embeddings, Losses, Method
 from iecl.model.resnet import build_backbone
 
 #: the queue's initial random keys: one fixed seed, so every rank starts with
@@ -111,7 +111,7 @@ class MoCoV2(Method):
         self.nce_directions = 2 if symmetric else 1
         self.infonce = QueueInfoNCE(tau)
 
-    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # `cached()`: each spectral-normalised weight is computed once per step (see IE-CL).
         with parametrize.cached():
             q_anchor = self.online(anchor) if self.symmetric else None
@@ -131,11 +131,13 @@ class MoCoV2(Method):
         # forward only for diagnostics would cost a quarter of the step and move the
         # online BatchNorm statistics, so its anchor embedding is the key instead.
         z_anchor = q_anchor if q_anchor is not None else k_anchor
-        self.embeddings = (z_anchor.detach(), q_query.detach())
-        return {"loss": loss_nce, "loss_nce": loss_nce}
+        return {"loss": loss_nce, "loss_nce": loss_nce}, (z_anchor.detach(), q_query.detach())
 
     def nce_candidates(self, batch_size: int) -> int:
         return 1 + self.queue.size  # the positive key and the whole queue
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"online": self.online, "target": self.target}
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.online]

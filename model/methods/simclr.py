@@ -26,7 +26,7 @@ from iecl.model.distributed import world_size
 from iecl.model.encoder import Encoder
 from iecl.model.heads import SimCLRProjector
 from iecl.model.losses import NTXent
-from iecl.model.methods.base import Method
+from iecl.model.methods.base import Embeddings, Losses, Method
 from iecl.model.resnet import build_backbone
 
 
@@ -55,15 +55,17 @@ class SimCLR(Method):
         self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
         self.ntxent = NTXent(tau)
 
-    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         with parametrize.cached():
             z_anchor, z_query = self.encoder(torch.cat([anchor, query])).chunk(2)
         loss_nce = self.ntxent(z_anchor, z_query)
-        self.embeddings = (z_anchor.detach(), z_query.detach())
-        return {"loss": loss_nce, "loss_nce": loss_nce}
+        return {"loss": loss_nce, "loss_nce": loss_nce}, (z_anchor.detach(), z_query.detach())
 
     def nce_candidates(self, batch_size: int) -> int:
         return 2 * batch_size * world_size() - 1  # every other view of the global batch
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"online": self.encoder}
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.encoder]

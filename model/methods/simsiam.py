@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from iecl.model.encoder import Encoder
 from iecl.model.heads import MLPBNProjector, SimSiamPredictor
 from iecl.model.losses import NegativeCosineSimilarity
-from iecl.model.methods.base import Method, decay_groups
+from iecl.model.methods.base import Embeddings, Losses, Method, decay_groups
 from iecl.model.resnet import build_backbone
 
 
@@ -55,13 +55,15 @@ class SimSiam(Method):
         self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
         self.criterion = NegativeCosineSimilarity()
 
-    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         with parametrize.cached():
             z_anchor, z_query = self.encoder(anchor), self.encoder(query)
         p_anchor, p_query = self.predictor(z_anchor), self.predictor(z_query)
         loss = self.criterion(p_anchor, z_query.detach()) / 2 + self.criterion(p_query, z_anchor.detach()) / 2
-        self.embeddings = (z_anchor.detach(), z_query.detach())
-        return {"loss": loss}
+        return {"loss": loss}, (z_anchor.detach(), z_query.detach())
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"online": self.encoder}
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.encoder, self.predictor]

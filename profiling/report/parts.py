@@ -371,7 +371,7 @@ def supervised_step(model, cfg, steps: int, warmup: int) -> dict:
 
     from iecl.kernels.view_prep import ViewPrep
     from iecl.pipeline import MEAN_255, STD_255
-    from iecl.train.loop import DTYPES
+    from iecl.train.step import DTYPES
 
     device, dtype = torch.device(cfg.train.device), DTYPES[cfg.train.precision]
     torch.backends.cudnn.benchmark = True
@@ -379,8 +379,7 @@ def supervised_step(model, cfg, steps: int, warmup: int) -> dict:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
-    prepare = ViewPrep(cfg.kernels.view_prep, torch.tensor(MEAN_255, device=device),
-                       torch.tensor(STD_255, device=device), dtype, device)
+    prepare = ViewPrep(cfg.kernels.view_prep, MEAN_255, STD_255, dtype).to(device)
     shape = (cfg.train.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (cfg.train.batch_size,), device=device)
