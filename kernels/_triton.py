@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
 
 import torch
 
 _warned: set[str] = set()
+
+#: the modules that define Triton kernels (decorated when imported)
+KERNEL_MODULES = ("iecl.kernels.saib_fwd", "iecl.kernels.saib_bwd", "iecl.kernels.view_prep_triton")
 
 
 def interpreting() -> bool:
@@ -32,10 +36,12 @@ def triton_available(device: torch.device | str) -> tuple[bool, str]:
         return False, f"Triton kernels do not run on {device.type} tensors"
     if not interpreting():
         return False, "on CPU the Triton kernels need TRITON_INTERPRET=1 (set before triton is imported)"
-    from iecl.kernels import saib_fwd  # decorated now if not before
-
-    if type(saib_fwd.saib_gemm_fwd_kernel).__name__ != "InterpretedFunction":
-        return False, "TRITON_INTERPRET=1 was set after the kernels were imported; set it before starting Python"
+    # A kernel module imported before TRITON_INTERPRET=1 was set holds compiled-mode
+    # kernels (JITFunction), which cannot run on CPU tensors; one imported later is fine.
+    for name in KERNEL_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and any(type(v).__name__ == "JITFunction" for v in vars(module).values()):
+            return False, "TRITON_INTERPRET=1 was set after the kernels were imported; set it before starting Python"
     return True, ""
 
 

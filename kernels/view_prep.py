@@ -1,9 +1,11 @@
 """View preparation: uint8 NHWC views -> normalised, channels-last tensors.
 
-This is the pure-PyTorch reference; the fused Triton kernel with the same
-signature belongs beside it (the kernels issue). Permuting an NHWC tensor to
-NCHW is free and already has channels-last strides, so the encoder gets its
-preferred layout without a copy beyond the one the normalisation writes.
+The pure-PyTorch reference is the data contract's own normalisation
+(`pipeline.views.normalize`, which the evaluation loaders use too), bound
+here under the name the kernel tests pair with the fused Triton kernel of
+the same signature (kernels/view_prep_triton.py). Permuting an NHWC tensor
+to NCHW is free and already has channels-last strides, so the encoder gets
+its preferred layout without a copy beyond the one the normalisation writes.
 """
 
 from __future__ import annotations
@@ -11,21 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from iecl.pipeline.views import normalize as prepare_view_reference
+
 IMPLS = ("reference", "triton")
-
-
-def prepare_view_reference(
-    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> `dtype` (B, C, H, W) channels-last, (x - mean) / std.
-
-    `mean` and `std` are (C,) float32 in the 0-255 range of the input.
-    """
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 (B, H, W, C) views, got {images.dtype} {tuple(images.shape)}")
-    x = images.permute(0, 3, 1, 2).float()  # (B, C, H, W), channels-last strides
-    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+__all__ = ["IMPLS", "ViewPrep", "prepare_view_reference", "view_prep_impl"]
 
 
 def view_prep_impl(impl: str, device: torch.device):

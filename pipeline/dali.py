@@ -56,10 +56,10 @@ import torch
 from PIL import Image
 
 from iecl.pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rngs
+from iecl.pipeline.decode import DECODE_ERRORS
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
 from iecl.pipeline.sampler import EpochBatchSampler
-from iecl.pipeline.validate import DECODE_ERRORS
 from iecl.pipeline.views import ViewBatch
 
 DECODE_MODES = ("shared", "window")

@@ -30,13 +30,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from iecl.kernels.view_prep import prepare_view_reference
 from iecl.pipeline.augment import sample_crop
+from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
-from iecl.pipeline.reference import _ignore_sigint, decode_rgb
-from iecl.pipeline.validate import DECODE_ERRORS, describe
-from iecl.pipeline.views import MEAN_255, STD_255
+from iecl.pipeline.reference import _ignore_sigint
+from iecl.pipeline.views import MEAN_255, STD_255, normalize
 
 #: Random-resized-crop area range of the linear probe's training views (MoCo's protocol).
 TRAIN_CROP_SCALE = (0.08, 1.0)
@@ -221,7 +220,7 @@ class EvalLoader:
             views = views.to(self.device, non_blocking=True)
             yielded += len(labels)
             yield (
-                prepare_view_reference(views, self.mean, self.std, torch.float32),
+                normalize(views, self.mean, self.std, torch.float32),
                 labels.to(self.device, non_blocking=True),
             )
         if yielded == 0 and self.bad_files:

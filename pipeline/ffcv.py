@@ -91,7 +91,7 @@ class _ReadableImages:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        from iecl.pipeline.reference import decode_rgb
+        from iecl.pipeline.decode import decode_rgb
 
         img = decode_rgb(self.images.read(i))
         return np.asarray(img), self.images.samples[i][1], img.width, img.height

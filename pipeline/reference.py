@@ -8,28 +8,19 @@ copy); normalisation happens on the device.
 
 from __future__ import annotations
 
-import io
 import signal
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from iecl.pipeline.augment import ViewRecipe, two_views, view_rngs
+from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
 from iecl.pipeline.sampler import EpochBatchSampler
-from iecl.pipeline.validate import DECODE_ERRORS, describe
 from iecl.pipeline.views import ViewBatch
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode fully (so truncation is caught here, not later) and convert to RGB."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
 
 
 class TwoViewDataset(Dataset):

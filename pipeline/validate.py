@@ -8,37 +8,13 @@ training ignores them, but a user who expected them to be used wants to know.
 
 from __future__ import annotations
 
-import io
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from PIL import Image, UnidentifiedImageError
-
+from iecl.pipeline.decode import decode_error
 from iecl.pipeline.folder import IMAGE_EXTENSIONS, ImageList
-from iecl.pipeline.sources import open_images
 from iecl.pipeline.synthetic import MANIFEST
-
-# What PIL raises for files it cannot decode: unknown format, truncated data,
-# decompression bombs, corrupt headers.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def describe(err: Exception) -> str:
-    """One line on why an image failed (PIL's own message names a BytesIO object)."""
-    if isinstance(err, UnidentifiedImageError):
-        return "not an image in a format PIL knows"
-    return f"{type(err).__name__}: {err}"
-
-
-def decode_error(data: bytes) -> str | None:
-    """None if `data` decodes fully as an image, else why not (one line)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except DECODE_ERRORS as err:
-        return describe(err)
-    return None
 
 
 @dataclass
@@ -83,12 +59,11 @@ def _check_chunk(bounds: tuple[int, int]) -> list[tuple[int, str]]:
 
 
 def validate_images(
-    source: str | os.PathLike | ImageList, workers: int | None = None, progress: bool = True, chunk: int = 64
+    images: ImageList, workers: int | None = None, progress: bool = True, chunk: int = 64
 ) -> ValidationReport:
-    """Decode every image of `source` (a data.root spec or an `ImageList`)."""
+    """Decode every image of `images` (`open_images` of a data.root spec)."""
     from tqdm import tqdm
 
-    images = source if isinstance(source, ImageList) else open_images(source)
     report = ValidationReport(images.root, checked=len(images))
     if os.path.isdir(images.root) and images.spans is None:
         report.non_images = non_image_files(images.root)

@@ -2,9 +2,11 @@
 and without SAIB (the paper's Figures 7 and 8, measured).
 
 For each (method, SAIB on/off) the step is built from the same config and
-overrides as `iecl pretrain` (so each method keeps its own recipe: optimizer,
-head sizes, augmentation; the batch, backbone, image size, precision and
-compile setting are the ones given), warmed up, then timed twice:
+overrides as `iecl pretrain`, with the method's own hyperparameters,
+spectral-norm choice and augmentation recipe (whatever the config set for its
+own method; the user's overrides still apply to all); the batch, backbone,
+image size, precision, compile setting, optimizer and projector sizes are the
+config's, shared by all. Each is warmed up, then timed twice:
 
 - **data on the device**: random uint8 views already on the device, so the
   loader costs nothing: the model-only ceiling;
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from iecl.model.methods import METHODS as REGISTRY
 from iecl.profiling.harness import (
     batches,
     build_harness,
@@ -43,10 +46,10 @@ from iecl.profiling.harness import (
     run_steps,
 )
 from iecl.profiling.machine import device_name, versions
-from iecl.train.config import ConfigError
+from iecl.train.config import ConfigError, method_own_values
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-METHODS = ("iecl", "mocov2", "simclr", "byol", "simsiam")
+METHODS = tuple(REGISTRY)
 SAIB_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
 PAPER_OVERHEAD = "the paper (Appendix D) reports 8.8% on average and 12.3% for SimCLR"
 
@@ -120,7 +123,8 @@ def compare(config: str | None, overrides: list[str], methods=METHODS, saib: str
     rows, cfg = [], None
     for method in methods:
         for enabled in SAIB_MODES[saib]:
-            cfg = load_resolved(config, [*overrides, f"method.name={method}", f"saib.enabled={str(enabled).lower()}"])
+            cfg = load_resolved(config, [*method_own_values(), *overrides, f"method.name={method}",
+                                         f"saib.enabled={str(enabled).lower()}"])
             log(f"iecl compare: {method} {'+SAIB' if enabled else 'without SAIB'}")
             try:
                 rows.append(measure(cfg, images, steps, warmup, epoch_images))

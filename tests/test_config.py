@@ -13,11 +13,14 @@ from iecl.train.config import (
     ConfigError,
     apply,
     dump_yaml,
+    hyper_keys,
     inductor_cxx,
     load_config,
+    method_own_values,
     parse_override,
     resolve_runtime,
     runtime_warnings,
+    unused_method_keys,
     validate,
 )
 
@@ -211,3 +214,35 @@ def test_resolved_config_round_trips_through_yaml():
 def test_parse_override_reads_yaml_values():
     assert parse_override("data.root=/a/b") == {"data": {"root": "/a/b"}}
     assert parse_override("data.crop_scale=null") == {"data": {"crop_scale": None}}
+
+
+def test_names_are_checked_against_the_registries_themselves():
+    from iecl.model.methods import METHODS
+    from iecl.model.resnet import BACKBONES
+    from iecl.pipeline import BACKENDS
+
+    for key, registry in (("method.name", METHODS), ("model.backbone", BACKBONES), ("data.backend", BACKENDS)):
+        with pytest.raises(ConfigError, match=f"{key}: 'nope' is not one of {', '.join(registry)}"):
+            load_config(None, [f"{key}=nope"])
+    with pytest.raises(ConfigError, match="method.entropy: 'shannon' is not one of coding_rate, renyi2"):
+        load_config(None, ["method.entropy=shannon"])
+    with pytest.raises(ConfigError, match="kernels.saib_impl"):
+        load_config(None, ["kernels.saib_impl=cuda"])
+
+
+def test_each_method_fills_its_own_keys_and_unused_ones_are_named():
+    from iecl.model.methods import METHODS
+
+    for name, cls in METHODS.items():
+        cfg = validate(load_config(None, [f"method.name={name}"]))
+        for key in hyper_keys(name):
+            section = cfg.method if hasattr(cfg.method, key) else cfg.model
+            assert getattr(section, key) == getattr(cls.Hyper(), key), (name, key)
+        assert cfg.model.spectral_norm is cls.spectral_norm and cfg.data.recipe == cls.recipe
+        assert unused_method_keys(cfg) == []  # what the method does not take stays null
+    cfg = validate(load_config("imagenet_r50", ["method.name=mocov2"]))  # IE-CL's lambda, beta, entropy set
+    assert unused_method_keys(cfg) == ["method.lambda_entropy", "method.beta_kl", "method.entropy"]
+    assert "not used by method.name=mocov2" in runtime_warnings(cfg, None)[0]
+    assert cfg.method.momentum == 0.9  # a value the config sets explicitly is kept ...
+    reset = validate(load_config("imagenet_r50", [*method_own_values(), "method.name=mocov2"]))
+    assert reset.method.momentum == 0.999 and unused_method_keys(reset) == []  # ... unless handed back (compare)

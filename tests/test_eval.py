@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iecl.pipeline import DataError, open_images
+from iecl.pipeline.decode import decode_rgb
 from iecl.pipeline.eval_views import (
     EvalBatchSampler,
     EvalLoader,
@@ -21,7 +22,6 @@ from iecl.pipeline.eval_views import (
     center_view,
     view_rng,
 )
-from iecl.pipeline.reference import decode_rgb
 from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train.cli import main
 from iecl.train.eval_data import labelled_splits, subset

@@ -99,7 +99,7 @@ def test_jacobian_determinant_exceeds_one(seed):
 
 def _tiny_iecl(**kwargs):
     return build_method("iecl", backbone="resnet18", projector_hidden=64, projector_out=32,
-                        batch_size=4, image_size=32, patch_size=16, **kwargs)
+                        batch_size=4, image_size=32, saib=True, patch_size=16, **kwargs)
 
 
 @pytest.mark.parametrize("term", ["loss_kl", "entropy"])

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from iecl.pipeline import DataError, build_loader, open_images
+from iecl.pipeline.decode import decode_rgb
 from iecl.pipeline.folder import UNLABELED
-from iecl.pipeline.reference import decode_rgb
 from iecl.pipeline.sampler import EpochBatchSampler
 from iecl.pipeline.sources import expand_braces
 from iecl.pipeline.validate import validate_images
@@ -112,12 +112,12 @@ def damaged(tmp_path, tiny_data):
 
 
 def test_validate_lists_unreadable_and_non_image_files(damaged):
-    report = validate_images(damaged, workers=2, progress=False)
+    report = validate_images(open_images(damaged), workers=2, progress=False)
     assert report.checked == 50 and not report.ok
     assert sorted(name.rsplit("/", 1)[1] for name, _ in report.unreadable) == ["text.JPEG", "truncated.JPEG"]
     assert any("truncated" in reason for _, reason in report.unreadable)
     assert report.non_images == [str(damaged / "README.txt")]
-    assert validate_images(damaged, workers=1, progress=False).unreadable == report.unreadable
+    assert validate_images(open_images(damaged), workers=1, progress=False).unreadable == report.unreadable
 
 
 def test_validate_command(capsys, tmp_path, damaged, tiny_data):

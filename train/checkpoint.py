@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iecl.pipeline.errors import UserError
+
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

@@ -14,16 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from iecl.pipeline.errors import DataError
-from iecl.train.checkpoint import CheckpointError
+from iecl.pipeline.errors import UserError
 from iecl.train.cli_data import add_commands as add_data_commands
 from iecl.train.cli_eval import add_commands as add_eval_commands
 from iecl.train.cli_mi import add_commands as add_mi_commands
 from iecl.train.config import ConfigError
-from iecl.train.faults import NonFiniteLoss
-from iecl.train.run_dir import RunDirError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLoss)
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 PRETRAIN_HELP = """\
@@ -83,7 +79,7 @@ def main(argv: list[str] | None = None, extra_commands=()) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"iecl {args.command}: {_rank_tag()}error: {err}", file=sys.stderr)
         return 2
 

@@ -64,9 +64,10 @@ def add_commands(commands) -> None:
 
 
 def run_validate(args) -> int:
+    from iecl.pipeline import open_images
     from iecl.pipeline.validate import validate_images
 
-    report = validate_images(args.data, workers=args.workers, progress=not args.no_progress)
+    report = validate_images(open_images(args.data), workers=args.workers, progress=not args.no_progress)
     for name, reason in report.unreadable:
         print(f"unreadable  {name}  ({reason})")
     for name in report.non_images:

@@ -20,15 +20,40 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+
+from iecl.pipeline.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A key, value or combination the configuration refuses."""
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A string key whose values are a registry's names, read from the registry
+    itself (so no list is restated here): `Annotated[str, OneOf("module", "NAME")]`."""
+
+    module: str
+    attribute: str
+
+    def names(self) -> list[str]:
+        import importlib
+
+        return list(getattr(importlib.import_module(self.module), self.attribute))
+
+
+BACKENDS = OneOf("iecl.pipeline", "BACKENDS")
+RECIPES = OneOf("iecl.pipeline.augment", "RECIPES")
+BACKBONES = OneOf("iecl.model.resnet", "BACKBONES")
+METHODS = OneOf("iecl.model.methods", "METHODS")
+ENTROPY_ESTIMATORS = OneOf("iecl.model.losses.entropy", "ENTROPY_ESTIMATORS")
+SAIB_IMPLS = OneOf("iecl.model.saib", "IMPLS")
+VIEW_PREP_IMPLS = OneOf("iecl.kernels.view_prep", "IMPLS")
 
 
 @dataclass
@@ -40,13 +65,13 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    backend: Literal["pil", "dali", "ffcv"] = "pil"
+    backend: Annotated[str, BACKENDS] = "pil"
     root: str = ""  # folder, file list, tar shard(s), or .beton (ffcv); "" -> synthetic, made once and reused
     synthetic_images: int = 512
     synthetic_classes: int = 8
     synthetic_cache: str = "~/.cache/iecl"
     image_size: int = 64  # side of both square views
-    recipe: Literal["mocov2", "simclr", "byol"] | None = None  # None -> the method's own (METHOD_DEFAULTS)
+    recipe: Annotated[str, RECIPES] | None = None  # None -> the method's own (Method.recipe)
     crop_scale: tuple[float, float] | None = None  # None -> the recipe's own
     workers: int = 2
     decode: Literal["shared", "window"] = "shared"  # dali: one full decode per image, or a windowed decode per view
@@ -55,38 +80,28 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    backbone: Annotated[str, BACKBONES] = "resnet18"
     spectral_norm: bool | None = None  # None -> the method's own: true for iecl (entropy preservation), else false
     projector_hidden: int = 512
     projector_out: int = 128
     predictor_hidden: int | None = None  # byol, simsiam: predictor MLP width; None -> the method's own
 
 
-METHODS = ("iecl", "mocov2", "simclr", "byol", "simsiam")
-
-#: What `None` means for each method (each from its own paper); `validate` fills them in.
-METHOD_DEFAULTS: dict[str, dict[str, dict]] = {
-    "iecl": {"method": {"momentum": 0.9, "tau": 0.2}, "model": {"spectral_norm": True}, "data": {"recipe": "mocov2"}},
-    "mocov2": {"method": {"momentum": 0.999, "tau": 0.2}, "model": {"spectral_norm": False},
-               "data": {"recipe": "mocov2"}},
-    "simclr": {"method": {"tau": 0.1}, "model": {"spectral_norm": False}, "data": {"recipe": "simclr"}},
-    "byol": {"method": {"momentum": 0.99}, "model": {"predictor_hidden": 4096, "spectral_norm": False},
-             "data": {"recipe": "byol"}},
-    "simsiam": {"model": {"predictor_hidden": 512, "spectral_norm": False}, "data": {"recipe": "mocov2"}},
-}
-
-
 @dataclass
 class MethodConfig:
-    name: Literal["iecl", "mocov2", "simclr", "byol", "simsiam"] = "iecl"
+    """`name`, then every method's own hyperparameters; None -> the method's
+    own value (its `Hyper`, filled in by `resolve_method_defaults`). A key the
+    method does not take is ignored, with a warning."""
+
+    name: Annotated[str, METHODS] = "iecl"
     momentum: float | None = None  # EMA of the target encoder; byol: its start (cosine schedule to 1)
     tau: float | None = None  # temperature of the contrastive loss
-    queue_size: int = 65536  # mocov2: negatives kept from earlier batches
-    symmetric: bool = False  # mocov2: both directions (each key enqueued once); its paper uses one
-    lambda_entropy: float = 0.2  # lambda
-    beta_kl: float = 0.09  # beta
-    entropy: Literal["coding_rate", "renyi2"] = "coding_rate"
-    coding_rate_eps: float = 0.5
+    queue_size: int | None = None  # mocov2: negatives kept from earlier batches
+    symmetric: bool | None = None  # mocov2: both directions (each key enqueued once); its paper uses one
+    lambda_entropy: float | None = None  # iecl: lambda
+    beta_kl: float | None = None  # iecl: beta
+    entropy: Annotated[str, ENTROPY_ESTIMATORS] | None = None  # iecl: the entropy estimator
+    coding_rate_eps: float | None = None  # iecl: eps of the coding-rate estimator
 
 
 @dataclass
@@ -100,8 +115,8 @@ class SAIBConfig:
 class KernelsConfig:
     # reference: PyTorch; triton: the fused kernels (falls back to the reference,
     # with one warning, where Triton cannot run); compile: torch.compile of the reference
-    saib_impl: Literal["reference", "triton", "compile"] = "reference"
-    view_prep: Literal["reference", "triton"] = "reference"
+    saib_impl: Annotated[str, SAIB_IMPLS] = "reference"
+    view_prep: Annotated[str, VIEW_PREP_IMPLS] = "reference"
 
 
 @dataclass
@@ -177,6 +192,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None:
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is Annotated:
+        base, *metadata = args
+        value = _coerce(key, value, base)
+        for check in metadata:
+            if isinstance(check, OneOf) and value not in check.names():
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(check.names())}")
+        return value
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -294,16 +316,50 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _method_class(name: str):
+    from iecl.model.methods import method_class
+
+    return method_class(name)
+
+
+def hyper_keys(name: str) -> list[str]:
+    """The config keys method `name` takes besides the shared ones: the fields
+    of its `Hyper` (each is method.<field>, or model.<field>)."""
+    return [f.name for f in dataclasses.fields(_method_class(name).Hyper)]
+
+
+def _section_of(cfg: Config, key: str):
+    return cfg.method if hasattr(cfg.method, key) else cfg.model
+
+
 def resolve_method_defaults(cfg: Config) -> Config:
-    """Fill every `None` that means "the method's own value" (METHOD_DEFAULTS)."""
-    for section, values in METHOD_DEFAULTS[cfg.method.name].items():
-        target = getattr(cfg, section)
-        for key, value in values.items():
-            if getattr(target, key) is None:
-                setattr(target, key, value)
+    """Fill every `None` that means "the method's own value": its `Hyper`'s
+    fields, its spectral-norm choice and its augmentation recipe."""
+    cls = _method_class(cfg.method.name)
+    for f in dataclasses.fields(cls.Hyper):
+        section = _section_of(cfg, f.name)
+        if getattr(section, f.name) is None:
+            setattr(section, f.name, f.default)
+    if cfg.model.spectral_norm is None:
+        cfg.model.spectral_norm = cls.spectral_norm
     if cfg.data.recipe is None:
-        cfg.data.recipe = "mocov2"
+        cfg.data.recipe = cls.recipe
     return cfg
+
+
+def method_own_values() -> list[str]:
+    """Overrides that hand every method-specific key back to the method (null),
+    for commands that run several methods from one config (iecl compare)."""
+    keys = [f"method.{k}" for k in _fields(MethodConfig) if k != "name"]
+    return [f"{k}=null" for k in (*keys, "model.predictor_hidden", "model.spectral_norm", "data.recipe")]
+
+
+def unused_method_keys(cfg: Config) -> list[str]:
+    """Method keys set to a value although `method.name` does not take them."""
+    taken = set(hyper_keys(cfg.method.name))
+    candidates = [f"method.{k}" for k in _fields(MethodConfig) if k != "name"] + ["model.predictor_hidden"]
+    return [key for key in candidates
+            if key.split(".")[1] not in taken and getattr(_section_of(cfg, key.split(".")[1]), key.split(".")[1]) is not None]
 
 
 def validate(cfg: Config, world_size: int = 1) -> Config:
@@ -361,7 +417,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         _require(0 <= m.momentum < 1, f"method.momentum must lie in [0, 1), got {m.momentum}")
     if m.tau is not None:
         _require(m.tau > 0, f"method.tau must be positive, got {m.tau}")
-    _require(m.queue_size >= 1, f"method.queue_size must be positive, got {m.queue_size}")
+    if m.queue_size is not None:
+        _require(m.queue_size >= 1, f"method.queue_size must be positive, got {m.queue_size}")
     if cfg.model.predictor_hidden is not None:
         _require(cfg.model.predictor_hidden >= 1, "model.predictor_hidden must be positive")
     e = cfg.eval
@@ -370,7 +427,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(e.knn_tau > 0, f"eval.knn_tau must be positive, got {e.knn_tau}")
     _require(e.knn_max_images >= 0, f"eval.knn_max_images must be 0 (all) or positive, got {e.knn_max_images}")
     _require(0 < e.val_fraction < 1, f"eval.val_fraction must lie in (0, 1), got {e.val_fraction}")
-    _require(m.coding_rate_eps > 0, f"method.coding_rate_eps must be positive, got {m.coding_rate_eps}")
+    if m.coding_rate_eps is not None:
+        _require(m.coding_rate_eps > 0, f"method.coding_rate_eps must be positive, got {m.coding_rate_eps}")
     for key in ("projector_hidden", "projector_out"):
         _require(getattr(cfg.model, key) >= 1, f"model.{key} must be positive")
     return cfg
@@ -416,10 +474,15 @@ def resolve_runtime(cfg: Config, cuda_available: bool, bf16_supported: bool, wor
 
 def runtime_warnings(cfg: Config, world_size: int | None) -> list[str]:
     """Settings that run but do not do what they say here."""
+    found = []
     if cfg.train.sync_bn and world_size is None:
-        return [("train.sync_bn=true has no effect in a single process (SyncBatchNorm synchronises the ranks "
-                 "of a torchrun launch); the encoders keep their ordinary BatchNorm")]
-    return []
+        found.append("train.sync_bn=true has no effect in a single process (SyncBatchNorm synchronises the ranks "
+                     "of a torchrun launch); the encoders keep their ordinary BatchNorm")
+    unused = unused_method_keys(cfg)
+    if unused:
+        found.append(f"{', '.join(unused)}: not used by method.name={cfg.method.name} "
+                     f"(it takes {', '.join(hyper_keys(cfg.method.name))}); ignored")
+    return found
 
 
 _NO_COMPILER = {

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from iecl.model.distributed import initialized, rank, world_size  # ddp.rank() etc. too
+from iecl.pipeline.errors import UserError
 from iecl.train.config import Config, ConfigError
 from iecl.train.step import LocalAgreement, Verdict
 
@@ -137,10 +138,8 @@ def _broadcast_from_main(value):
 
 
 def _shareable(err: BaseException) -> tuple[type, str]:
-    from iecl.train.cli import USER_ERRORS
-
     # A user error is re-raised on the other ranks as itself (one line, exit 2).
-    if isinstance(err, USER_ERRORS):
+    if isinstance(err, UserError):
         return type(err), str(err)
     return RuntimeError, f"rank 0 failed ({type(err).__name__}: {err})"
 

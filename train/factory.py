@@ -14,33 +14,20 @@ from iecl.kernels.view_prep import ViewPrep
 from iecl.model.methods import Method, build_method
 from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train import checkpoint as ckpt
-from iecl.train.config import Config, ConfigError, apply, resolve_method_defaults
+from iecl.train.config import (
+    Config,
+    ConfigError,
+    apply,
+    hyper_keys,
+    resolve_method_defaults,
+)
 from iecl.train.step import DTYPES
-
-#: method-specific constructor arguments: name -> {argument: (section, key)}
-_SPECIFIC = {
-    "iecl": {
-        "tau": ("method", "tau"),
-        "momentum": ("method", "momentum"),
-        "lambda_entropy": ("method", "lambda_entropy"),
-        "beta_kl": ("method", "beta_kl"),
-        "entropy": ("method", "entropy"),
-        "coding_rate_eps": ("method", "coding_rate_eps"),
-    },
-    "mocov2": {
-        "tau": ("method", "tau"),
-        "momentum": ("method", "momentum"),
-        "queue_size": ("method", "queue_size"),
-        "symmetric": ("method", "symmetric"),
-    },
-    "simclr": {"tau": ("method", "tau")},
-    "byol": {"momentum": ("method", "momentum"), "predictor_hidden": ("model", "predictor_hidden")},
-    "simsiam": {"predictor_hidden": ("model", "predictor_hidden")},
-}
 
 
 def method_kwargs(cfg: Config) -> dict:
-    """Constructor arguments of `cfg.method.name` (the method's defaults filled in)."""
+    """`build_method`'s arguments for `cfg` (the method's defaults filled in):
+    the shared parts' sizes, and each field of the method's `Hyper` from the
+    config key of the same name (method.<field>, else model.<field>)."""
     resolve_method_defaults(cfg)
     m = cfg.model
     kwargs = {
@@ -55,8 +42,8 @@ def method_kwargs(cfg: Config) -> dict:
         "saib_weight_decay": cfg.saib.weight_decay,
         "saib_impl": cfg.kernels.saib_impl,
     }
-    for arg, (section, key) in _SPECIFIC[cfg.method.name].items():
-        kwargs[arg] = getattr(getattr(cfg, section), key)
+    for key in hyper_keys(cfg.method.name):
+        kwargs[key] = getattr(cfg.method, key) if hasattr(cfg.method, key) else getattr(cfg.model, key)
     return kwargs
 
 

@@ -8,8 +8,10 @@ import sys
 import torch
 from tqdm import tqdm
 
+from iecl.pipeline.errors import UserError
 
-class NonFiniteLoss(RuntimeError):
+
+class NonFiniteLoss(UserError, RuntimeError):
     """Too many consecutive steps with a NaN or infinite loss."""
 
 

@@ -51,9 +51,8 @@ from iecl.pipeline.augment import (
     sample_view_params,
     view_rngs,
 )
+from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
 from iecl.pipeline.folder import UNLABELED
-from iecl.pipeline.reference import decode_rgb
-from iecl.pipeline.validate import DECODE_ERRORS, describe
 from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train.config import ConfigError
 from iecl.train.eval_data import labelled_splits, subset

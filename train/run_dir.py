@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iecl.pipeline.errors import UserError
 from iecl.train.config import Config, ConfigError, dump_yaml
 
 
-class RunDirError(OSError):
+class RunDirError(UserError, OSError):
     pass
 
 

@@ -20,11 +20,14 @@ implement `loss_on_views` on the prepared views; this class does the rest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from iecl.kernels.view_prep import ViewPrep
 from iecl.model.encoder import Encoder
+from iecl.model.resnet import ResNet
 from iecl.model.saib import SAIB
 from iecl.pipeline.views import MEAN_255, STD_255
 
@@ -32,25 +35,42 @@ Losses = dict[str, torch.Tensor]
 Embeddings = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass
+class Parts:
+    """What every method is built from, made once by `build_method` (the
+    methods add their own heads on top): the backbone and the projector's
+    sizes. SAIB, when on, is attached after the method's own modules
+    (`attach_saib`), so that the random initialisation keeps its order."""
+
+    backbone: ResNet
+    projector_hidden: int
+    projector_out: int
+
+
 class Method(nn.Module):
     #: name of the method in configs and the registry
     name: str = ""
+    #: the method's own hyperparameters, with its paper's defaults: a dataclass
+    #: whose fields are config keys (method.<field>, or model.<field>)
+    Hyper: type = object
+    #: the method's own choice where the config says null
+    spectral_norm: bool = False
+    recipe: str = "mocov2"
     #: for the InfoNCE mutual-information diagnostics: candidates in each
     #: softmax of `loss_nce` and the number of directions it sums (0: the
     #: method has no contrastive loss, so no bound is reported)
     nce_directions: int = 0
 
-    def __init__(self) -> None:
+    def __init__(self, parts: Parts) -> None:
         super().__init__()
         #: the view preparation; train.factory sets the configured one (impl, dtype)
         self.prepare = ViewPrep("reference", MEAN_255, STD_255)
         self.saib: SAIB | None = None
         self.saib_weight_decay = 0.0
 
-    def build_saib(self, enabled: bool, batch_size: int, image_size: int, patch_size: int,
-                   weight_decay: float, impl: str) -> None:
-        self.saib = SAIB(batch_size, (image_size, image_size), patch_size, impl=impl) if enabled else None
-        self.saib_weight_decay = weight_decay
+    def attach_saib(self, saib: SAIB, weight_decay: float) -> None:
+        """SAIB on the query view, with its own weight decay (paper: gamma)."""
+        self.saib, self.saib_weight_decay = saib, weight_decay
 
     # ------------------------------------------------------------- the step
 

@@ -18,6 +18,7 @@ it through the online branch, which is where SAIB's gradient comes from.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,8 +27,8 @@ from torch.nn.utils import parametrize
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import BYOLMLP
 from iecl.model.losses import NormalizedMSE
-from iecl.model.methods.base import Embeddings, Losses, Method
-from iecl.model.resnet import build_backbone
+from iecl.model.methods.base import Embeddings, Losses, Method, Parts
+from iecl.model.methods.registry import register
 
 
 def byol_momentum(base: float, progress: float) -> float:
@@ -35,33 +36,27 @@ def byol_momentum(base: float, progress: float) -> float:
     return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
+@register
 class BYOL(Method):
     name = "byol"
+    recipe = "byol"
     nce_directions = 0
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "resnet50",
-        spectral_norm: bool = False,
-        projector_hidden: int = 4096,
-        projector_out: int = 256,
-        batch_size: int = 256,
-        image_size: int = 224,
-        saib: bool = False,
-        patch_size: int = 16,
-        saib_weight_decay: float = 1e-4,
-        saib_impl: str = "reference",
-        momentum: float = 0.99,
-        predictor_hidden: int = 4096,
-    ) -> None:
-        super().__init__()
-        trunk = build_backbone(backbone, spectral_norm)
-        self.online = Encoder(trunk, BYOLMLP(trunk.feature_dim, projector_hidden, projector_out))
-        self.predictor = BYOLMLP(projector_out, predictor_hidden, projector_out)
+    @dataclass
+    class Hyper:
+        """BYOL Section 3.3: base momentum 0.99 (0.996 in its 1000-epoch runs), predictor width 4096."""
+
+        momentum: float = 0.99
+        predictor_hidden: int = 4096
+
+    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
+        super().__init__(parts)
+        h = hyper or self.Hyper()
+        trunk, out = parts.backbone, parts.projector_out
+        self.online = Encoder(trunk, BYOLMLP(trunk.feature_dim, parts.projector_hidden, out))
+        self.predictor = BYOLMLP(out, h.predictor_hidden, out)
         self.target = momentum_copy(self.online)
-        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
-        self.base_momentum = momentum
+        self.base_momentum = h.momentum
         self.criterion = NormalizedMSE()
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:

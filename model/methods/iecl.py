@@ -16,6 +16,8 @@ constrained by nothing but the entropy term; this implementation does not.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -23,44 +25,38 @@ from torch.nn.utils import parametrize
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import MLPBNProjector
 from iecl.model.losses import GaussianKL, InfoNCE, build_entropy
-from iecl.model.methods.base import Embeddings, Losses, Method
-from iecl.model.resnet import build_backbone
+from iecl.model.methods.base import Embeddings, Losses, Method, Parts
+from iecl.model.methods.registry import register
 
 
+@register
 class IECL(Method):
     name = "iecl"
+    spectral_norm = True  # entropy preservation (paper Section 3.3)
     nce_directions = 2
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "resnet50",
-        spectral_norm: bool = True,
-        projector_hidden: int = 4096,
-        projector_out: int = 512,
-        batch_size: int = 256,
-        image_size: int = 224,
-        saib: bool = True,
-        patch_size: int = 16,
-        saib_weight_decay: float = 1e-4,
-        saib_impl: str = "reference",
-        tau: float = 0.2,
-        momentum: float = 0.9,
-        lambda_entropy: float = 0.2,
-        beta_kl: float = 0.09,
-        entropy: str = "coding_rate",
-        coding_rate_eps: float = 0.5,
-    ) -> None:
-        super().__init__()
-        trunk = build_backbone(backbone, spectral_norm)
-        self.online = Encoder(trunk, MLPBNProjector(trunk.feature_dim, projector_hidden, projector_out))
+    @dataclass
+    class Hyper:
+        """Paper Section 4.1; tau is MoCo v2's (the paper gives none)."""
+
+        momentum: float = 0.9
+        tau: float = 0.2
+        lambda_entropy: float = 0.2
+        beta_kl: float = 0.09
+        entropy: str = "coding_rate"
+        coding_rate_eps: float = 0.5
+
+    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
+        super().__init__(parts)
+        h = hyper or self.Hyper()
+        trunk = parts.backbone
+        self.online = Encoder(trunk, MLPBNProjector(trunk.feature_dim, parts.projector_hidden, parts.projector_out))
         self.target = momentum_copy(self.online)
-        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
-        self.momentum = momentum
-        self.lambda_entropy, self.beta_kl = lambda_entropy, beta_kl
-        self.infonce = InfoNCE(tau)
+        self.momentum = h.momentum
+        self.lambda_entropy, self.beta_kl = h.lambda_entropy, h.beta_kl
+        self.infonce = InfoNCE(h.tau)
         self.kl = GaussianKL()
-        self.entropy = build_entropy(entropy, coding_rate_eps)
+        self.entropy = build_entropy(h.entropy, h.coding_rate_eps)
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # Separate forwards: each view keeps its own BatchNorm statistics. Within

@@ -28,6 +28,8 @@ accuracy, not a failure to learn.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,8 +39,8 @@ from iecl.model.distributed import gather_no_grad
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import MoCoV2Head
 from iecl.model.losses import QueueInfoNCE
-from iecl.model.methods.base import Embeddings, Losses, Method
-from iecl.model.resnet import build_backbone
+from iecl.model.methods.base import Embeddings, Losses, Method, Parts
+from iecl.model.methods.registry import register
 
 #: the queue's initial random keys: one fixed seed, so every rank starts with
 #: the same queue without any communication
@@ -78,38 +80,31 @@ class KeyQueue(nn.Module):
         self.ptr.copy_((self.ptr + n) % self.size)
 
 
+@register
 class MoCoV2(Method):
     name = "mocov2"
     nce_directions = 1
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "resnet50",
-        spectral_norm: bool = False,
-        projector_hidden: int = 2048,
-        projector_out: int = 128,
-        batch_size: int = 256,
-        image_size: int = 224,
-        saib: bool = False,
-        patch_size: int = 16,
-        saib_weight_decay: float = 1e-4,
-        saib_impl: str = "reference",
-        tau: float = 0.2,
-        momentum: float = 0.999,
-        queue_size: int = 65536,
-        symmetric: bool = False,
-    ) -> None:
-        super().__init__()
-        trunk = build_backbone(backbone, spectral_norm)
-        self.online = Encoder(trunk, MoCoV2Head(trunk.feature_dim, projector_hidden, projector_out))
+    @dataclass
+    class Hyper:
+        """MoCo v2 (its paper and code): tau 0.2, m 0.999, K 65,536, one direction."""
+
+        tau: float = 0.2
+        momentum: float = 0.999
+        queue_size: int = 65536
+        symmetric: bool = False
+
+    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
+        super().__init__(parts)
+        h = hyper or self.Hyper()
+        trunk = parts.backbone
+        self.online = Encoder(trunk, MoCoV2Head(trunk.feature_dim, parts.projector_hidden, parts.projector_out))
         self.target = momentum_copy(self.online)
-        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
-        self.queue = KeyQueue(queue_size, projector_out)
-        self.momentum = momentum
-        self.symmetric = symmetric
-        self.nce_directions = 2 if symmetric else 1
-        self.infonce = QueueInfoNCE(tau)
+        self.queue = KeyQueue(h.queue_size, parts.projector_out)
+        self.momentum = h.momentum
+        self.symmetric = h.symmetric
+        self.nce_directions = 2 if h.symmetric else 1
+        self.infonce = QueueInfoNCE(h.tau)
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # `cached()`: each spectral-normalised weight is computed once per step (see IE-CL).

@@ -18,6 +18,8 @@ and a positive/negative of the other views, and SAIB gets its gradient through z
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -26,34 +28,28 @@ from iecl.model.distributed import world_size
 from iecl.model.encoder import Encoder
 from iecl.model.heads import SimCLRProjector
 from iecl.model.losses import NTXent
-from iecl.model.methods.base import Embeddings, Losses, Method
-from iecl.model.resnet import build_backbone
+from iecl.model.methods.base import Embeddings, Losses, Method, Parts
+from iecl.model.methods.registry import register
 
 
+@register
 class SimCLR(Method):
     name = "simclr"
+    recipe = "simclr"
     nce_directions = 1  # NT-Xent averages over all 2N views: one softmax per view
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "resnet50",
-        spectral_norm: bool = False,
-        projector_hidden: int = 2048,
-        projector_out: int = 128,
-        batch_size: int = 256,
-        image_size: int = 224,
-        saib: bool = False,
-        patch_size: int = 16,
-        saib_weight_decay: float = 1e-4,
-        saib_impl: str = "reference",
-        tau: float = 0.1,
-    ) -> None:
-        super().__init__()
-        trunk = build_backbone(backbone, spectral_norm)
-        self.encoder = Encoder(trunk, SimCLRProjector(trunk.feature_dim, projector_hidden, projector_out))
-        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
-        self.ntxent = NTXent(tau)
+    @dataclass
+    class Hyper:
+        """SimCLR's temperature for its large-batch runs."""
+
+        tau: float = 0.1
+
+    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
+        super().__init__(parts)
+        h = hyper or self.Hyper()
+        trunk = parts.backbone
+        self.encoder = Encoder(trunk, SimCLRProjector(trunk.feature_dim, parts.projector_hidden, parts.projector_out))
+        self.ntxent = NTXent(h.tau)
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         with parametrize.cached():

@@ -16,6 +16,8 @@ comes from.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -23,36 +25,29 @@ from torch.nn.utils import parametrize
 from iecl.model.encoder import Encoder
 from iecl.model.heads import MLPBNProjector, SimSiamPredictor
 from iecl.model.losses import NegativeCosineSimilarity
-from iecl.model.methods.base import Embeddings, Losses, Method, decay_groups
-from iecl.model.resnet import build_backbone
+from iecl.model.methods.base import Embeddings, Losses, Method, Parts, decay_groups
+from iecl.model.methods.registry import register
 
 
+@register
 class SimSiam(Method):
     name = "simsiam"
     nce_directions = 0
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "resnet50",
-        spectral_norm: bool = False,
-        projector_hidden: int = 2048,
-        projector_out: int = 2048,
-        batch_size: int = 256,
-        image_size: int = 224,
-        saib: bool = False,
-        patch_size: int = 16,
-        saib_weight_decay: float = 1e-4,
-        saib_impl: str = "reference",
-        predictor_hidden: int = 512,
-    ) -> None:
-        super().__init__()
-        trunk = build_backbone(backbone, spectral_norm)
+    @dataclass
+    class Hyper:
+        """SimSiam Section 4.1: a 512-wide bottleneck predictor."""
+
+        predictor_hidden: int = 512
+
+    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
+        super().__init__(parts)
+        h = hyper or self.Hyper()
+        trunk = parts.backbone
         # SimSiam's projector is exactly this layout (3 bias-free Linear-BN, no ReLU and
         # no affine on the last BN); the reference code's last Linear has a frozen bias.
-        self.encoder = Encoder(trunk, MLPBNProjector(trunk.feature_dim, projector_hidden, projector_out))
-        self.predictor = SimSiamPredictor(projector_out, predictor_hidden)
-        self.build_saib(saib, batch_size, image_size, patch_size, saib_weight_decay, saib_impl)
+        self.encoder = Encoder(trunk, MLPBNProjector(trunk.feature_dim, parts.projector_hidden, parts.projector_out))
+        self.predictor = SimSiamPredictor(parts.projector_out, h.predictor_hidden)
         self.criterion = NegativeCosineSimilarity()
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
