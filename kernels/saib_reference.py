@@ -1,9 +1,9 @@
 """SAIB as a pure-PyTorch function: the reference the Triton kernels are
 checked against, and what `torch.compile` compiles (`impl="compile"`).
 
-It reproduces `model/saib.py::SAIB.forward` op for op (same convolutions, same
-BatchNorm calls), so that with the module's parameters it gives the module's
-output bit for bit in fp32. The Triton version (`kernels/saib_function.py::
+It is SAIB's one reference: `model/saib.py::SAIB` holds the parameters and
+BatchNorm buffers and calls this function on them (impl="reference"), or its
+compiled form (impl="compile"). The Triton version (`kernels/saib_function.py::
 saib_triton`) takes exactly the same arguments.
 
 Shapes: `x` is the query batch (B, 3, H, W); patch-images are

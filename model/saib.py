@@ -28,16 +28,13 @@ samples: loaders drop the last partial batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from iecl.kernels._triton import triton_available, warn_fallback
 from iecl.kernels.saib_reference import (
     SAIBParams,
     compiled_saib_reference,
-    patchify,
     saib_reference,
-    unpatchify,
 )
 from iecl.kernels.view_prep import prepare_view_reference
 
@@ -102,15 +99,7 @@ class SAIB(nn.Module):
                 f"SAIB was built for batches of shape {(self.batch_size, self.channels, self.height, self.width)}, "
                 f"got {tuple(x.shape)}; its weights depend on the per-device batch size"
             )
-        if self.impl != "reference":
-            return self._forward_impl(x)
-        patches = patchify(x, self.patch_size) + self.pos_embed  # (N, B, p, p)
-        h1 = F.silu(self.conv1(patches))
-        h2 = F.silu(self.conv2(h1))  # zero padding 1 at each patch's border
-        h3 = h2 + F.silu(self.conv3(h2))
-        patches = patches + self.conv4(h3)
-        out = x + unpatchify(patches, c, h, w)
-        return out.contiguous(memory_format=torch.channels_last)
+        return self._forward_impl(x)
 
     def forward_uint8(
         self, query: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype
@@ -153,6 +142,9 @@ class SAIB(nn.Module):
         return ok
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        """The one reference is kernels/saib_reference.py's function, on this
+        module's parameters and BatchNorm buffers; "compile" compiles it and
+        "triton" runs the fused kernels that are tested against it."""
         if self.impl == "triton" and self._triton_runs(x.device):
             from iecl.kernels.saib_function import saib_triton  # imports triton
 

@@ -24,9 +24,9 @@ from iecl.pipeline.eval_views import (
 )
 from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train.cli import main
-from iecl.train.eval_data import labelled_splits, subset
-from iecl.train.knn import knn_accuracy, knn_evaluate
-from iecl.train.lineval import cosine_lr, linear_eval, probe_accuracy, train_probe
+from iecl.train.eval.knn import knn_accuracy, knn_evaluate
+from iecl.train.eval.lineval import cosine_lr, linear_eval, probe_accuracy, train_probe
+from iecl.train.eval.splits import labelled_splits, subset
 
 SIZE = 32
 
@@ -311,7 +311,7 @@ def test_lineval_command_augmented(tiny_data, tiny_checkpoint, tmp_path):
 
 
 def test_lineval_feature_cache_is_reused(tiny_data, tiny_checkpoint, tmp_path, monkeypatch):
-    from iecl.train import lineval
+    from iecl.train.eval import lineval
 
     calls = []
     real = lineval.image_features

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iecl.train.knn import extract_features, knn_accuracy, knn_predict
+from iecl.train.eval.knn import extract_features, knn_accuracy, knn_predict
 
 
 def _unit(*angles_deg: float) -> torch.Tensor:

@@ -10,8 +10,10 @@ import shutil
 import pytest
 import torch
 
+from iecl.model.losses.ntxent import nt_xent
 from iecl.train.cli import main
-from iecl.train.mi import PairSampler, estimate_mi, nt_xent, train_critic
+from iecl.train.eval.mi import estimate_mi, train_critic
+from iecl.train.eval.pairs import PairSampler
 
 LOG2 = math.log(2)
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import on_prepared
 
+from iecl.kernels.saib_reference import patchify, unpatchify
 from iecl.model.methods import build_method
-from iecl.model.saib import SAIB, patchify, unpatchify
+from iecl.model.saib import SAIB
 
 
 @pytest.mark.parametrize("batch,channels_hw,patch", [(4, (32, 48), 8), (3, (16, 16), 4), (5, (64, 32), 16)])

@@ -240,7 +240,7 @@ def test_logged_rows_carry_the_diagnostics_and_the_knn_monitor(tiny_data, tmp_pa
 
 def test_knn_monitor_refuses_unlabelled_data_before_training(tmp_path, sixteen_images):
     from iecl.train.config import ConfigError
-    from iecl.train.monitor import knn_splits
+    from iecl.train.eval.monitor import knn_splits
 
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -26,9 +26,9 @@ from iecl.pipeline.views import ViewBatch
 from iecl.train import checkpoint as ckpt
 from iecl.train import ddp
 from iecl.train.config import Config
-from iecl.train.eval_data import LabelledSplits
+from iecl.train.eval.monitor import KnnMonitor, step_diagnostics
+from iecl.train.eval.splits import LabelledSplits
 from iecl.train.metrics import MetricsLog
-from iecl.train.monitor import KnnMonitor, step_diagnostics
 from iecl.train.run_dir import RunDirError
 from iecl.train.step import Outcome
 

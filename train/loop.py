@@ -34,10 +34,10 @@ from iecl.train import checkpoint as ckpt
 from iecl.train import ddp
 from iecl.train.bookkeeping import Bookkeeping, Position, Summary, Training
 from iecl.train.config import Config
-from iecl.train.eval_data import LabelledSplits
+from iecl.train.eval.monitor import knn_splits
+from iecl.train.eval.splits import LabelledSplits
 from iecl.train.factory import method_from_config
 from iecl.train.faults import NonFiniteGuard, NonFiniteLoss
-from iecl.train.monitor import knn_splits
 from iecl.train.optim import build_optimizer, scaled_lr
 from iecl.train.run_dir import check_run_dir
 from iecl.train.step import DTYPES, Schedule, Step, autocast_for

@@ -1,23 +1,11 @@
-"""`iecl`: the command line.
-
-Errors a user can cause (a bad config key, a missing data folder, an
-unreadable image, an unusable run directory or checkpoint) are printed as one
-line, `iecl <command>: error: ...`, with exit status 2; anything else is a bug
-and keeps its traceback.
-"""
+"""`iecl pretrain` (and `python -m iecl.train`, which torchrun starts)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
-from iecl.pipeline.errors import UserError
-from iecl.train.cli_data import add_commands as add_data_commands
-from iecl.train.cli_eval import add_commands as add_eval_commands
-from iecl.train.cli_mi import add_commands as add_mi_commands
 from iecl.train.config import ConfigError
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -52,45 +40,7 @@ run.out_dir with config.yaml (resolved), run.json, metrics.jsonl, tb/
 after saving last.pt; --resume continues from it exactly.
 """
 
-SYNTHETIC_HELP = """\
-Write a synthetic ImageNet-style folder of JPEGs: DIR/<class>/<class>_<index>.JPEG.
-
-Images have ImageNet-like sizes (mostly 500 px on the long side) and content
-(smooth shapes in class colours plus texture), about 100 KB each. The same
-arguments always give the same files; if DIR already holds exactly this
-dataset, nothing is written.
-
-  iecl make-synthetic /data/synthetic-10k --images 10000 --classes 100
-"""
-
-
-def main(argv: list[str] | None = None, extra_commands=()) -> int:
-    """`iecl ARGV`; `extra_commands` are more `register(subparsers)` functions
-    (iecl.cli passes profiling's: train/ never imports profiling/)."""
-    parser = argparse.ArgumentParser(prog="iecl", description="IE-CL self-supervised pretraining pipeline.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_pretrain(commands)
-    _add_make_synthetic(commands)
-    add_data_commands(commands)
-    add_eval_commands(commands)
-    add_mi_commands(commands)
-    for register in extra_commands:
-        register(commands)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except UserError as err:
-        print(f"iecl {args.command}: {_rank_tag()}error: {err}", file=sys.stderr)
-        return 2
-
-
-def _rank_tag() -> str:
-    """'rank N: ' in the processes of a torchrun launch other than rank 0 (each prints its own errors)."""
-    rank = os.environ.get("RANK", "0")
-    return f"rank {rank}: " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-
-
-def _add_pretrain(commands) -> None:
+def add_commands(commands) -> None:
     p = commands.add_parser(
         "pretrain", help="pretrain IE-CL or a baseline (no arguments: a one-minute CPU smoke run)",
         description=PRETRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,21 +51,6 @@ def _add_pretrain(commands) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(run=run_pretrain)
-
-
-def _add_make_synthetic(commands) -> None:
-    p = commands.add_parser(
-        "make-synthetic", help="write a synthetic ImageNet-style JPEG folder",
-        description=SYNTHETIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--images", type=int, required=True, metavar="N")
-    p.add_argument("--classes", type=int, required=True, metavar="K")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it holds something else")
-    p.set_defaults(run=run_make_synthetic)
 
 
 def run_pretrain(args) -> int:
@@ -159,8 +94,8 @@ def _pretrain_session(args, cfg, state: dict | None, run_dir: Path | None, world
     writes the run directory and prints, and shares its failures with the others."""
     from iecl.train import ddp
     from iecl.train.data import resolve_images
+    from iecl.train.eval.monitor import knn_splits
     from iecl.train.loop import planned_steps, pretrain
-    from iecl.train.monitor import knn_splits
     from iecl.train.run_dir import create_run_dir, write_run_files
 
     main_rank = ddp.is_main()
@@ -233,24 +168,3 @@ def _print_summary(s) -> None:
         top5 = f", top-5 {100 * s.knn['knn_top5']:.2f}%" if "knn_top5" in s.knn else ""
         print(f"  kNN         top-1 {100 * s.knn['knn_top1']:.2f}%{top5}")
     print(f"  run dir     {s.run_dir}: config.yaml run.json metrics.jsonl tb/ last.pt")
-
-
-def run_make_synthetic(args) -> int:
-    from iecl.pipeline.synthetic import SyntheticSpec, make_synthetic
-
-    spec = SyntheticSpec(args.images, args.classes, seed=args.seed, quality=args.quality)
-    start = time.perf_counter()
-    info = make_synthetic(args.dir, spec, workers=args.workers, overwrite=args.overwrite)
-    if info["reused"]:
-        print(f"{info['root']} already holds this dataset ({spec.images} images, {spec.classes} classes); nothing written")
-    else:
-        mb = info["bytes"] / 1e6
-        print(
-            f"wrote {spec.images} images in {spec.classes} classes to {info['root']} "
-            f"({mb:.1f} MB, {info['bytes'] / spec.images / 1024:.0f} KB per image) in {time.perf_counter() - start:.1f} s"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ from torch import nn
 
 from iecl.pipeline.eval_views import EvalLoader
 from iecl.pipeline.folder import ImageList
-from iecl.train.eval_data import subset
+from iecl.train.eval.splits import subset
 
 
 @torch.no_grad()

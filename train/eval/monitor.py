@@ -19,7 +19,7 @@ from iecl.model.diagnostics import diagnostics
 from iecl.model.methods import Method
 from iecl.pipeline import BetonFile, DataError, ImageList
 from iecl.train.config import Config, ConfigError
-from iecl.train.eval_data import LabelledSplits, labelled_splits
+from iecl.train.eval.splits import LabelledSplits, labelled_splits
 
 
 def step_diagnostics(method: Method, losses: dict[str, torch.Tensor], embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -69,7 +69,7 @@ class KnnMonitor:
         return epoch_end or step == total
 
     def run(self, method: Method) -> dict:
-        from iecl.train.knn import knn_evaluate
+        from iecl.train.eval.knn import knn_evaluate
 
         e, s = self.cfg.eval, self.splits
         start = time.perf_counter()

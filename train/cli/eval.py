@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch and the model load only when a command runs: `iecl --
     from torch import nn
 
     from iecl.train.config import Config
-    from iecl.train.eval_data import LabelledSplits
+    from iecl.train.eval.splits import LabelledSplits
 
 _DATA_HELP = """\
 CHECKPOINT is a checkpoint file (last.pt) or a run folder holding last.pt.
@@ -114,7 +114,7 @@ def _common_arguments(p: argparse.ArgumentParser, batch_size: int, seeds: str) -
 
 
 def run_knn(args) -> int:
-    from iecl.train.knn import knn_evaluate
+    from iecl.train.eval.knn import knn_evaluate
 
     _check_positive(args, "k", "tau", "batch_size")
     ev = _prepare(args)
@@ -129,7 +129,7 @@ def run_knn(args) -> int:
 
 
 def run_lineval(args) -> int:
-    from iecl.train.lineval import linear_eval
+    from iecl.train.eval.lineval import linear_eval
 
     _check_positive(args, "epochs", "batch_size", "lr")
     if args.momentum < 0 or args.weight_decay < 0:
@@ -178,7 +178,7 @@ class _Evaluation:
 
 def _prepare(args) -> _Evaluation:
     """Resolve the device, load the checkpoint, find the labelled data (user errors before any work)."""
-    from iecl.train.eval_data import labelled_splits
+    from iecl.train.eval.splits import labelled_splits
     from iecl.train.factory import load_pretrained
 
     if not 0 < args.val_fraction < 1:

@@ -37,7 +37,7 @@ from iecl.pipeline.errors import DataError
 from iecl.pipeline.eval_views import EvalLoader
 from iecl.pipeline.folder import ImageList
 from iecl.train.checkpoint import save_atomic
-from iecl.train.knn import image_features
+from iecl.train.eval.knn import image_features
 
 #: Bump when the cached features would change for the same key (transform, normalisation).
 CACHE_VERSION = 1
