@@ -10,3 +10,21 @@ breakdowns, the GPU report). `iecl.cli` assembles the `iecl` command.
 """
 
 __version__ = "0.1.0"
+
+
+def load_backbone(checkpoint, device="cpu"):
+    """A run folder's (or checkpoint file's) backbone as a plain ResNet
+    (`torch.nn.Module`, eval mode, spectral norm folded into its weights):
+    `features = iecl.load_backbone("runs/iecl-resnet50-...")(images)`, images
+    normalised (B, 3, H, W); (B, 2048) for a ResNet-50, (B, 512) for a ResNet-18."""
+    from iecl.train.factory import load_backbone as load
+
+    return load(checkpoint, device)
+
+
+def load_method(checkpoint, device="cpu"):
+    """A run folder's (or checkpoint file's) whole method (encoders, heads,
+    SAIB) with its weights, in eval mode; `.backbone()` is its trunk."""
+    from iecl.train.factory import load_pretrained
+
+    return load_pretrained(checkpoint, device)[0]

@@ -15,10 +15,12 @@ evaluation heads sit on top of that (timm's forward_features / head split).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 
@@ -115,3 +117,59 @@ def build_backbone(name: str, spectral_norm: bool = True) -> ResNet:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     return BACKBONES[name](spectral_norm)
+
+
+# ----------------------------------------------------------------------------- taking the backbone away
+
+
+@torch.no_grad()
+def plain_state_dict(backbone: ResNet) -> dict[str, torch.Tensor]:
+    """The state_dict of `build_backbone(name, spectral_norm=False)` that
+    computes what `backbone` computes in eval mode: each spectral-normalised
+    convolution's weight is stored as W / sigma, with sigma from its saved
+    power-iteration vectors (eval mode runs no further iteration)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        out = {f"{name}.weight": module.weight.detach().clone() for name, module in backbone.named_modules()
+               if parametrize.is_parametrized(module, "weight")}
+    finally:
+        backbone.train(was_training)
+    for key, value in backbone.state_dict().items():
+        if ".parametrizations." not in key:
+            out[key] = value.detach().clone()
+    return out
+
+
+#: our names -> torchvision's (and timm's, which are the same for resnet18 and resnet50)
+_TO_TORCHVISION = (
+    (r"^stem\.0\.", "conv1."),
+    (r"^stem\.1\.", "bn1."),
+    (r"^stages\.(\d+)\.", lambda m: f"layer{int(m.group(1)) + 1}."),
+    (r"\.shortcut\.", ".downsample."),
+)
+_FROM_TORCHVISION = (
+    (r"^conv1\.", "stem.0."),
+    (r"^bn1\.", "stem.1."),
+    (r"^layer(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}."),
+    (r"\.downsample\.", ".shortcut."),
+)
+
+
+def _rename(state: dict, rules) -> dict:
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def to_torchvision_names(state: dict) -> dict:
+    """A plain state_dict under torchvision's (= timm's) ResNet names, without `fc`."""
+    return _rename(state, _TO_TORCHVISION)
+
+
+def from_torchvision_names(state: dict) -> dict:
+    """The inverse of `to_torchvision_names` (an `fc` is dropped: our ResNets have none)."""
+    return _rename({k: v for k, v in state.items() if not k.startswith("fc.")}, _FROM_TORCHVISION)

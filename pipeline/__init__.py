@@ -1,53 +1,38 @@
 """Data: dataset discovery, synthetic datasets, two-view loaders.
 
-Every loader backend sits behind one interface: iterate -> `ViewBatch` (two
-uint8 NHWC views and labels, on the training device), `len()` (full batches
-per epoch, the same every epoch), `set_epoch(epoch, start_batch=0)`.
-A backend also keeps `bad_files` (names of unreadable images it met and
-replaced by the next readable one) and has `close()`. `build_loader` picks
-the backend named by `data.backend`; `open_images` lists a data.root.
+Every loader backend sits behind one interface (`spec.Loader`): iterate ->
+`ViewBatch` (two uint8 NHWC views and labels, on the training device),
+`len()` (full batches per epoch, the same every epoch),
+`set_epoch(epoch, start_batch=0)`, `bad_files` (names of unreadable images it
+met and replaced by the next readable one) and `close()`. `build_loader`
+builds the backend a `LoaderSpec` names; `open_images` lists a data.root.
 """
 
 from __future__ import annotations
-
-import torch
 
 from iecl.pipeline.augment import RECIPES, get_recipe
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList, scan_image_folder
 from iecl.pipeline.sources import BetonFile, open_images
+from iecl.pipeline.spec import DaliOptions, Loader, LoaderSpec
 from iecl.pipeline.views import MEAN_255, STD_255, ViewBatch
 
 BACKENDS = ("pil", "dali", "ffcv")
 
 
-def build_loader(
-    backend: str,
-    images: ImageList | BetonFile,
-    *,
-    batch_size: int,
-    image_size: int,
-    recipe: str,
-    crop_scale: tuple[float, float] | None,
-    seed: int,
-    workers: int,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    decode: str = "shared",
-):
-    """The `backend` loader over `images` (an `ImageList`; a `BetonFile` for ffcv)."""
+def build_loader(images: ImageList | BetonFile, spec: LoaderSpec) -> Loader:
+    """The `spec.backend` loader over `images` (an `ImageList`; a `BetonFile` for ffcv)."""
     common = {
-        "recipes": get_recipe(recipe, crop_scale),
-        "batch_size": batch_size,
-        "image_size": image_size,
-        "seed": seed,
-        "workers": workers,
-        "device": device,
-        "rank": rank,
-        "world_size": world_size,
+        "recipes": get_recipe(spec.recipe, spec.crop_scale),
+        "batch_size": spec.batch_size,
+        "image_size": spec.image_size,
+        "seed": spec.seed,
+        "workers": spec.workers,
+        "device": spec.device,
+        "rank": spec.rank,
+        "world_size": spec.world_size,
     }
-    if backend == "ffcv":
+    if spec.backend == "ffcv":
         if not isinstance(images, BetonFile):
             raise DataError(f"data.backend=ffcv reads .beton files; convert first: iecl convert {images.root} OUT.beton")
         from iecl.pipeline.ffcv import FfcvLoader
@@ -55,15 +40,15 @@ def build_loader(
         return FfcvLoader(images.path, **common)
     if isinstance(images, BetonFile):
         raise DataError(f"{images.path} is an FFCV file: set data.backend=ffcv")
-    if backend == "pil":
+    if spec.backend == "pil":
         from iecl.pipeline.reference import ReferenceLoader
 
         return ReferenceLoader(images, **common)
-    if backend == "dali":
+    if spec.backend == "dali":
         from iecl.pipeline.dali import DaliLoader
 
-        return DaliLoader(images, decode=decode, **common)
-    raise ValueError(f"unknown data backend {backend!r}; choose one of {BACKENDS}")
+        return DaliLoader(images, decode=spec.decode, options=spec.dali, **common)
+    raise ValueError(f"unknown data backend {spec.backend!r}; choose one of {BACKENDS}")
 
 
 __all__ = [
@@ -72,8 +57,11 @@ __all__ = [
     "RECIPES",
     "STD_255",
     "BetonFile",
+    "DaliOptions",
     "DataError",
     "ImageList",
+    "Loader",
+    "LoaderSpec",
     "ViewBatch",
     "build_loader",
     "open_images",

@@ -60,6 +60,7 @@ from iecl.pipeline.decode import DECODE_ERRORS
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
 from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.spec import DaliOptions
 from iecl.pipeline.views import ViewBatch
 
 DECODE_MODES = ("shared", "window")
@@ -76,17 +77,6 @@ P_REL_START, P_REL_END = slice(8, 10), slice(10, 12)  # the same over a decoded 
 P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 12, 13, 14, 15
 P_SIGMA, P_WINDOW, P_SOLARIZE = 16, 17, 18
 N_PARAMS = 19
-#: The jitter's contrast as arithmetic on the device (True), or `fn.brightness_contrast`
-#: with the centre as a CPU argument (False); None: arithmetic on GPUs only, where
-#: moving the centre to the CPU would stall the pipeline.
-ARITHMETIC_CONTRAST: bool | None = None
-#: PIL's HSV hue shift as ~30 elementwise ops (True), or DALI's `fn.hsv` rotation
-#: in YIQ, folded into the saturation pass (False): 15 grey levels away from PIL
-#: at MoCo-v2's strength, but half the CPU pipeline's time (measured on 2 cores,
-#: 224 px: 163 vs 87 img/s); on a GPU the ops cost about a millisecond a batch.
-EXACT_HUE = True
-
-
 def _require_dali():
     try:
         import nvidia.dali  # noqa: F401
@@ -208,7 +198,8 @@ def _cores() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _build_graph(source: SampleSource, *, image_size: int, gpu: bool, parallel: bool, decode: str):
+def _build_graph(source: SampleSource, *, image_size: int, gpu: bool, parallel: bool, decode: str,
+                 options: DaliOptions):
     """The DALI graph of `pipeline/augment.py`'s `apply_view`, twice; returns its outputs."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
@@ -224,7 +215,7 @@ def _build_graph(source: SampleSource, *, image_size: int, gpu: bool, parallel: 
     )
     decoder_device = "mixed" if gpu else "cpu"
     on_device = (lambda node: node.gpu()) if gpu else (lambda node: node)
-    arithmetic_contrast = gpu if ARITHMETIC_CONTRAST is None else ARITHMETIC_CONTRAST
+    arithmetic_contrast = gpu if options.arithmetic_contrast is None else options.arithmetic_contrast
     resize = {"size": (image_size, image_size), "interp_type": types.INTERP_LINEAR, "antialias": True}
     if decode == "shared":
         decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
@@ -259,7 +250,7 @@ def _build_graph(source: SampleSource, *, image_size: int, gpu: bool, parallel: 
             view = fn.brightness_contrast(
                 view, brightness=vec[P_BRIGHTNESS], contrast=vec[P_CONTRAST], contrast_center=centre, dtype=types.UINT8
             )
-        if EXACT_HUE:
+        if options.exact_hue:
             view = fn.hsv(view, saturation=vec[P_SATURATION], dtype=types.UINT8)  # and grayscale
             view = _shift_hue(view, on_device(vec[P_HUE]))
         else:
@@ -322,6 +313,7 @@ class DaliLoader:
         rank: int = 0,
         world_size: int = 1,
         decode: str = "shared",
+        options: DaliOptions | None = None,
     ) -> None:
         self._pipe = None  # first, so close() works whatever fails below
         _require_dali()
@@ -329,6 +321,7 @@ class DaliLoader:
             raise ValueError(f"unknown DALI decode mode {decode!r}; choose one of {DECODE_MODES}")
         self.images, self.recipes, self.image_size = images, recipes, image_size
         self.batch_size, self.workers, self.decode = batch_size, workers, decode
+        self.options = options or DaliOptions()
         self.device = torch.device(device)
         self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
         self.bad_files: list[str] = []
@@ -367,7 +360,8 @@ class DaliLoader:
         source = SampleSource(self.images, self.recipes, self.image_size, self.sampler, epoch, start_batch)
         with pipe:
             pipe.set_outputs(
-                *_build_graph(source, image_size=self.image_size, gpu=gpu, parallel=parallel, decode=self.decode)
+                *_build_graph(source, image_size=self.image_size, gpu=gpu, parallel=parallel, decode=self.decode,
+                              options=self.options)
             )
         self._pipe = pipe
         pipe.build()
@@ -467,43 +461,3 @@ class DaliLoader:
             self.close()
         except Exception:  # noqa: BLE001, S110 - interpreter shutdown: DALI may already be gone
             pass
-
-
-def measure_decode_modes(
-    images: ImageList,
-    *,
-    recipes: tuple[ViewRecipe, ViewRecipe],
-    batch_size: int,
-    image_size: int,
-    device: torch.device,
-    workers: int = 0,
-    batches: int = 10,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Images per second of each decode mode over `batches` batches (after one
-    warm-up batch), synchronising the GPU before reading the clock."""
-    import time
-
-    rates = {}
-    for mode in DECODE_MODES:
-        loader = DaliLoader(
-            images, recipes=recipes, batch_size=batch_size, image_size=image_size, seed=seed,
-            workers=workers, device=device, decode=mode,
-        )
-        try:
-            count = min(batches, len(loader) - 1)
-            assert count > 0, "measure_decode_modes needs at least two batches of images"
-            loader.set_epoch(0)
-            it = iter(loader)
-            next(it)  # builds the pipeline and fills its queues
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(count):
-                next(it)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rates[mode] = count * batch_size / (time.perf_counter() - start)
-        finally:
-            loader.close()
-    return rates

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import os
 import runpy
+import sys
 from pathlib import Path
 
+# Triton picks its interpreter when it is imported and when each kernel is
+# decorated, so on a machine without a GPU the variable is set before anything
+# imports triton; tests not marked `triton` then run without it (fixture below),
+# as a user's machine would.
 import pytest
-import torch
+import torch  # (does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import iecl  # noqa: F401  (installed: pip install -e .)
 except ModuleNotFoundError:  # a plain checkout (a GPU machine with no package index): the launcher makes it iecl
     runpy.run_path(str(Path(__file__).resolve().parent.parent / "__main__.py"), run_name="iecl_checkout")
+
+# Our folders are importable only as iecl.*: with the checkout itself on sys.path
+# (`python -m pytest` puts the working directory there), a string target such as
+# monkeypatch.setattr("pipeline.dali.X", ...) would import and patch a second copy.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 from iecl.pipeline.synthetic import SyntheticSpec, make_synthetic
 from iecl.train.config import Config, apply, resolve_runtime, validate
@@ -20,6 +34,13 @@ from iecl.train.config import Config, apply, resolve_runtime, validate
 # Deterministic, comparable CPU numbers however many cores the machine has.
 THREADS = min(2, os.cpu_count() or 1)
 torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_only_for_kernel_tests(request, monkeypatch):
+    """TRITON_INTERPRET=1 (set above) for the tests marked `triton` alone."""
+    if request.node.get_closest_marker("triton") is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,7 @@ def tiny_beton(tmp_path_factory, tiny_data):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_backend_trains_and_resumes_exactly(backend, tmp_path, monkeypatch, tiny_data, tiny_beton):
     """A run interrupted mid-epoch and resumed logs the same losses as one that

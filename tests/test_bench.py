@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from iecl.cli import main
 from iecl.profiling.bench_loader import process_tree_rss
 
@@ -24,11 +27,8 @@ def test_bench_loader_pil_writes_json(capsys, tmp_path, tiny_data):
     assert "note: 10 steps span 1.7 epochs" in table  # 48 images / batch 8 = 6 batches per epoch
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_bench_loader_refuses_cuda_without_a_gpu(capsys, tiny_data):
-    import torch
-
-    if torch.cuda.is_available():
-        return
     assert main(["bench", "loader", "--data", str(tiny_data), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
 

@@ -41,6 +41,7 @@ def _run_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_complete_run(capsys, tmp_path, tiny_data):
     out_dir = tmp_path / "runs"
     code, out, _ = _pretrain(capsys, f"data.root={tiny_data}", f"run.out_dir={out_dir}", "train.epochs=1")
@@ -169,6 +170,7 @@ def test_too_little_disk_space_is_refused_before_training(capsys, tmp_path, tiny
     assert not (run_dir / "last.pt").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_checkpoint_write_keeps_the_previous_one(capsys, tmp_path, tiny_data, monkeypatch):
     """The disk fills while step 4's checkpoint is half written: a one-line
     error, and last.pt still holds step 2, loadable; no temporary is left."""
@@ -197,6 +199,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_one(capsys, tmp_path, tin
     assert not [p.name for p in run_dir.iterdir() if "tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_unreadable_image_mid_run_keeps_progress(capsys, tmp_path, tiny_data):
     """With no unreadable images allowed, the run stops with the file's name
     before training on its batch; the steps already done are in last.pt."""
@@ -224,6 +227,7 @@ def test_unreadable_image_mid_run_keeps_progress(capsys, tmp_path, tiny_data):
     assert (run_dir / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_replaced_counted_and_reported(capsys, tmp_path, tiny_data):
     """By default a run survives a few bad files: each is named once on stderr,
     counted in metrics.jsonl and in the summary, and no batch is lost."""
@@ -265,6 +269,7 @@ def test_help(capsys, argv):
     assert exit_.value.code == 0 and "usage: iecl" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143(tmp_path, tiny_data):
     """A scheduler's SIGTERM (preemption) to a real training process: a clean
     exit with status 143 and a loadable checkpoint at a step boundary."""
@@ -288,6 +293,7 @@ def test_sigterm_saves_and_exits_143(tmp_path, tiny_data):
     assert read_metrics(run_dir)[-1]["step"] <= state["step"]
 
 
+@pytest.mark.slow
 def test_sigint_saves_at_a_step_boundary_and_resume_matches(tmp_path, tiny_data):
     """A real Ctrl-C to a real training process, then `--resume`: the metrics of
     the interrupted-and-resumed run equal those of an uninterrupted one."""

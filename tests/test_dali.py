@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from iecl.pipeline import DataError, scan_image_folder
+from iecl.pipeline import DaliOptions, DataError, scan_image_folder
 from iecl.pipeline.augment import ViewRecipe, get_recipe
 from iecl.pipeline.dali import DaliLoader
 from iecl.pipeline.reference import ReferenceLoader
@@ -116,23 +116,23 @@ def test_each_augmentation_matches_reference(images, step):
     assert _mad(dali.anchor, dali.query) > 2.0 or step == "flip"  # the step did something
 
 
-def test_arithmetic_contrast_is_the_same(images, monkeypatch):
+def test_arithmetic_contrast_is_the_same(images):
     """The GPU graph's contrast (arithmetic on the device), run on the CPU."""
     recipe = replace(PLAIN, **ONE_STEP["brightness_contrast"])
     op = _epoch(_dali(images, recipes=(recipe, recipe)), 0)
-    monkeypatch.setattr("pipeline.dali.ARITHMETIC_CONTRAST", True)
-    arithmetic = _epoch(_dali(images, recipes=(recipe, recipe)), 0)
+    arithmetic = _epoch(_dali(images, recipes=(recipe, recipe), options=DaliOptions(arithmetic_contrast=True)), 0)
     for a, b in zip(op, arithmetic):
         assert (a.anchor.int() - b.anchor.int()).abs().max() <= 1
 
 
-def test_fast_hue_is_a_hue_shift(images, monkeypatch):
-    """EXACT_HUE=False: DALI's YIQ rotation, the same direction as PIL's shift."""
+def test_fast_hue_is_a_hue_shift(images):
+    """dali.exact_hue=false: DALI's YIQ rotation, the same direction as PIL's shift."""
     recipe = replace(PLAIN, **ONE_STEP["hue"])
     ref = _epoch(ReferenceLoader(images, recipes=(recipe, PLAIN), batch_size=8, image_size=32, seed=0, workers=0,
                                  device=CPU), 0)[0]
-    monkeypatch.setattr("pipeline.dali.EXACT_HUE", False)
-    fast = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32), 0)[0]
+    fast = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32, options=DaliOptions(exact_hue=False)), 0)[0]
+    exact = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32), 0)[0]
+    assert not torch.equal(fast.anchor, exact.anchor)  # the option reaches the graph
     unshifted = _epoch(_dali(images, recipes=(PLAIN, PLAIN), batch=8, size=32), 0)[0]  # same crops, no hue
     assert _mad(fast.anchor, ref.anchor) < _mad(unshifted.anchor, ref.anchor)  # a rough approximation
 

@@ -35,6 +35,8 @@ from iecl.train.factory import load_pretrained
 from iecl.train.metrics import read_metrics
 from iecl.train.run_dir import RunDirError
 
+pytestmark = pytest.mark.distributed  # several processes (gloo, torchrun)
+
 WORLD = 2
 IMAGES = 50  # batch 8 x 2 ranks = 16 per step: 3 steps an epoch, 2 images dropped
 STEPS_PER_EPOCH = 3
@@ -185,6 +187,7 @@ def two_ranks(id_list, tmp_path_factory):
 # ------------------------------------------------------------------ the assertions
 
 
+@pytest.mark.slow
 def test_parameters_are_identical_on_both_ranks_after_every_step(two_ranks):
     _, (r0, r1) = two_ranks
     for phase in ("full", "stopped", "resumed", "faults"):
@@ -278,6 +281,7 @@ def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_iecl_pretrain_under_torchrun_trains_and_resumes(tmp_path, tiny_data):
     """`torchrun -m train` end to end: one run folder, one header and summary
     (rank 0's), the learning rate scaled by the global batch, and `--resume`
@@ -342,6 +346,7 @@ def _labels(loader, epoch: int, start: int = 0) -> list[list[int]]:
     return [batch.label.tolist() for batch in loader]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pil", "dali", "ffcv"])
 def test_each_backend_shards_by_rank_and_resumes_mid_epoch(backend, id_list, tmp_path):
     """`train.loop.build` hands each backend the rank's shard: disjoint, equally
@@ -396,6 +401,7 @@ def _every_method(rank: int, init_file: str, data: str, out: str, configs: dict)
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_method_trains_in_lockstep_under_ddp(id_list, tmp_path):
     """Each baseline (with SAIB: a parameter DDP must see used) for two steps:
     no unused-parameter error, and the same parameters on both ranks. MoCo's

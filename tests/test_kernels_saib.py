@@ -11,15 +11,12 @@ max|actual - expected| / max|expected|.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from iecl.kernels import _triton
@@ -30,6 +27,8 @@ from iecl.pipeline import MEAN_255, STD_255
 
 if not _triton.triton_available(DEVICE)[0]:
     pytest.skip(f"Triton cannot run here: {_triton.triton_available(DEVICE)[1]}", allow_module_level=True)
+
+pytestmark = pytest.mark.triton  # TRITON_INTERPRET=1 on a CPU (tests/conftest.py)
 
 FP32_TOL = 2e-5
 
@@ -151,6 +150,7 @@ def test_reference_equals_module(training):
 # ---------------------------------------------------------------- kernels vs reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,height,width,patch", [(6, 16, 24, 8), (4, 16, 16, 4), (3, 8, 12, 4)])
 def test_fp32_forward_and_gradients(batch, height, width, patch):
     params = random_params(batch, height, width, patch, seed=batch)
@@ -189,6 +189,7 @@ def test_uint8_query_with_fused_normalisation():
     assert_all_close(actual, expected, FP32_TOL)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_forward_and_gradients():
     """bf16 operands and activations, fp32 accumulation and statistics, against
     the fp32 reference. On CPU, Triton 3.9's interpreter truncates fp32 -> bf16
@@ -256,6 +257,7 @@ def test_falls_back_to_reference_with_one_warning(monkeypatch):
         assert torch.equal(out, reference(x))
 
 
+@pytest.mark.slow
 def test_module_compile_impl_matches_reference_impl():
     """impl="compile": torch.compile of the functional reference (slow to compile on CPU: tiny shape)."""
     torch.manual_seed(6)

@@ -7,14 +7,10 @@ is imported.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from iecl.kernels import _triton
@@ -24,6 +20,8 @@ from iecl.pipeline import MEAN_255, STD_255
 
 if not _triton.triton_available(DEVICE)[0]:
     pytest.skip(f"Triton cannot run here: {_triton.triton_available(DEVICE)[1]}", allow_module_level=True)
+
+pytestmark = pytest.mark.triton  # TRITON_INTERPRET=1 on a CPU (tests/conftest.py)
 
 
 @pytest.fixture(scope="module", autouse=True)

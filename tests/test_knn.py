@@ -1,4 +1,4 @@
-"""Weighted kNN classifier (train/knn.py): hand-computed scores and behaviour on synthetic clusters."""
+"""Weighted kNN classifier (train/eval/knn.py): hand-computed scores and behaviour on synthetic clusters."""
 
 from __future__ import annotations
 

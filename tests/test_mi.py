@@ -1,4 +1,4 @@
-"""Post-training MI estimation (train/mi.py): the estimator on synthetic features
+"""Post-training MI estimation (train/eval/mi.py): the estimator on synthetic features
 with known answers, the pair samplers, and `iecl mi` end to end."""
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ def test_the_profiled_step_is_the_training_step(method, saib, tiny_data, tmp_pat
 # ------------------------------------------------------------- iecl profile
 
 
+@pytest.mark.slow
 def test_profile_breakdown_adds_up_to_the_step(tiny_data):
     cfg = _cfg(f"data.root={tiny_data}")
     r = profile(cfg, open_images(tiny_data), steps=3, warmup=1, isolate_iters=2, log=lambda _: None)
@@ -126,6 +127,7 @@ def test_step_flop_counts_the_reference_saib_and_restores_the_switch():
     assert with_saib - without == saib + stem_input_grad
 
 
+@pytest.mark.slow
 def test_profile_command_writes_json_and_trace(tmp_path):
     out, trace = tmp_path / "profile.json", tmp_path / "trace.json"
     code = main(["profile", *tiny_overrides(), "--data-on-device", "--steps", "1", "--warmup", "1",
@@ -162,6 +164,7 @@ def test_overheads_by_hand():
     assert over["mean"] == pytest.approx({"model_only": 12.5, "loader": 5.0})
 
 
+@pytest.mark.slow
 def test_compare_writes_table_json_and_chart(tiny_data, tmp_path):
     from PIL import Image
 

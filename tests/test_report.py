@@ -34,6 +34,7 @@ def _report(tmp_path: Path, *args: str, cwd: Path | None = None) -> subprocess.C
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_part_from_a_plain_checkout(tmp_path):
     out, work = tmp_path / "report", tmp_path / "work"
     proc = _report(tmp_path, "--out", str(out), "--work", str(work), "--dry-run", "--pack")
@@ -78,6 +79,7 @@ def test_dry_run_runs_every_part_from_a_plain_checkout(tmp_path):
     assert "[11/11] profile-r50-compile" in proc.stdout and "compare: iecl compare: simsiam +SAIB" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_part_is_recorded_and_the_rest_run(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -125,6 +127,7 @@ def test_report_help_lists_the_parts(capsys):
     assert "--dry-run" in text and all(name in text for name in PART_NAMES)
 
 
+@pytest.mark.slow
 def test_the_device_script_runs_the_checkout(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "IECL_REPORT_OUT": str(out), "PYTHON": sys.executable}

@@ -33,6 +33,7 @@ def test_every_conv_is_spectrally_normalised():
     assert not any(parametrize.is_parametrized(c) for c in _convs(build_backbone("resnet50", spectral_norm=False)))
 
 
+@pytest.mark.slow
 def test_largest_singular_value_is_close_to_one():
     torch.manual_seed(0)
     model = build_backbone("resnet18", spectral_norm=True)

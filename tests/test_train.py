@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 from itertools import pairwise
 
@@ -29,6 +28,7 @@ def _views(batch):
             prepare_view_reference(batch.query, MEAN, STD, torch.float32))
 
 
+@pytest.mark.slow
 def test_optimisation_path_fits_a_fixed_batch(tiny_data, tmp_path):
     """Method, parameter groups and optimizer as the loop builds them: repeated steps
     on one batch of views must drive its contrastive loss far down."""
@@ -47,6 +47,7 @@ def test_optimisation_path_fits_a_fixed_batch(tiny_data, tmp_path):
     assert history[-1] < 0.5 * history[0], history
 
 
+@pytest.mark.slow
 def test_short_pretraining_run_lowers_the_loss(sixteen_images, tmp_path):
     """A real 30-step run through `pretrain` (fresh augmentations every step);
     the loss is measured on fixed held-out batches of views before and after,
@@ -77,6 +78,7 @@ def test_short_pretraining_run_lowers_the_loss(sixteen_images, tmp_path):
     assert after < before - 0.5, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_at", [4, 6])  # mid-epoch, and exactly at an epoch end
 def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch, resume_at):
     cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 2, "checkpoint_every": resume_at}})
@@ -113,6 +115,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch, resume_at):
     assert final_resumed["step"] == 12 and final_resumed["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_run_outputs(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 1, "log_every": 2}})
     run_dir = tmp_path / "run"
@@ -182,7 +185,7 @@ def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
 
 
-def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data):
+def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data, monkeypatch):
     """kernels.saib_impl picks SAIB's implementation; Triton on a CPU without the
     interpreter falls back to the reference with one warning."""
     import warnings
@@ -192,11 +195,11 @@ def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data):
     cfg = tiny_config(tiny_data, tmp_path, {"kernels": {"saib_impl": "compile"}})
     method, *_ = build(cfg, scan_image_folder(tiny_data), CPU)
     assert method.saib.impl == "compile"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert view_prep_impl("triton", CPU) is prepare_view_reference
-        assert any("TRITON_INTERPRET=1" in str(w.message) for w in caught)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the machine as a user has it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert view_prep_impl("triton", CPU) is prepare_view_reference
+    assert any("TRITON_INTERPRET=1" in str(w.message) for w in caught)
 
 
 def test_the_entry_point_equals_the_step_on_prepared_views(tiny_data, tmp_path):
@@ -213,6 +216,7 @@ def test_the_entry_point_equals_the_step_on_prepared_views(tiny_data, tmp_path):
         assert torch.equal(fused[key], plain[key]), key
 
 
+@pytest.mark.slow
 def test_logged_rows_carry_the_diagnostics_and_the_knn_monitor(tiny_data, tmp_path):
     """Every logged row has the embedding diagnostics and IE-CL's InfoNCE bound
     (below its ceiling log B); the kNN monitor runs at each epoch end, on the
@@ -253,6 +257,7 @@ def test_knn_monitor_refuses_unlabelled_data_before_training(tmp_path, sixteen_i
     assert knn_splits(cfg, scan_image_folder(flat)) is None
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
     """Step 3's loss is NaN: no update is made that step (the weights after it
     equal the weights before it), the step counts, and the run finishes."""
@@ -280,6 +285,7 @@ def test_a_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in built["method"].parameters())
 
 
+@pytest.mark.slow
 def test_persistent_nonfinite_losses_stop_the_run_with_the_weights_from_before(tiny_data, tmp_path, monkeypatch):
     from iecl.train import loop
     from iecl.train.faults import NonFiniteLoss
@@ -308,6 +314,7 @@ def test_persistent_nonfinite_losses_stop_the_run_with_the_weights_from_before(t
             assert torch.isfinite(value).all(), name
 
 
+@pytest.mark.slow
 def test_periodic_snapshots_keep_the_newest(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, {"train": {"epochs": 2, "checkpoint_every": 2, "keep_checkpoints": 2}})
     run_dir = tmp_path / "run"

@@ -79,6 +79,15 @@ class DataConfig:
 
 
 @dataclass
+class DaliConfig:
+    """data.backend=dali: how its graph computes two colour adjustments
+    (pipeline.spec.DaliOptions says what each costs and how close it is to PIL)."""
+
+    arithmetic_contrast: bool | None = None  # contrast as device arithmetic; None -> on GPUs only
+    exact_hue: bool = True  # PIL's HSV hue shift (True) or DALI's faster YIQ rotation (False)
+
+
+@dataclass
 class ModelConfig:
     backbone: Annotated[str, BACKBONES] = "resnet18"
     spectral_norm: bool | None = None  # None -> the method's own: true for iecl (entropy preservation), else false
@@ -163,6 +172,7 @@ class TrainConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dali: DaliConfig = field(default_factory=DaliConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     saib: SAIBConfig = field(default_factory=SAIBConfig)

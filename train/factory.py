@@ -12,6 +12,7 @@ import torch
 
 from iecl.kernels.view_prep import ViewPrep
 from iecl.model.methods import Method, build_method
+from iecl.pipeline.spec import DaliOptions, LoaderSpec
 from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train import checkpoint as ckpt
 from iecl.train.config import (
@@ -55,6 +56,18 @@ def method_from_config(cfg: Config) -> Method:
     return method
 
 
+def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A pretrained checkpoint's backbone as a plain ResNet (no spectral-norm
+    parametrisations: W / sigma folded into the weights), in eval mode: the
+    same features as the checkpoint's encoder trunk, with no iecl method around it."""
+    from iecl.model.resnet import build_backbone, plain_state_dict
+
+    method, cfg, _ = load_pretrained(path, "cpu")
+    plain = build_backbone(cfg.model.backbone, spectral_norm=False)
+    plain.load_state_dict(plain_state_dict(method.backbone()))
+    return plain.to(device).eval()
+
+
 def eval_runtime(choice: str) -> tuple[torch.device, torch.dtype | None]:
     """An evaluation command's --device (auto|cpu|cuda) -> (device, autocast
     dtype or None): bf16 autocast on GPUs that have it, fp32 elsewhere."""
@@ -82,3 +95,11 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tup
     except RuntimeError as err:
         raise ckpt.CheckpointError(f"{path}: the weights do not fit the model its config describes: {err}") from None
     return method.to(device).eval(), cfg, state
+
+
+def loader_spec(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> LoaderSpec:
+    """The loader of `cfg`: data.* and dali.*, this rank's shard."""
+    d = cfg.data
+    return LoaderSpec(d.backend, cfg.train.batch_size, d.image_size, d.recipe, cfg.run.seed, d.workers, device,
+                      d.crop_scale, rank, world_size, d.decode, DaliOptions(cfg.dali.arithmetic_contrast,
+                                                                            cfg.dali.exact_hue))

@@ -36,7 +36,7 @@ from iecl.train.bookkeeping import Bookkeeping, Position, Summary, Training
 from iecl.train.config import Config
 from iecl.train.eval.monitor import knn_splits
 from iecl.train.eval.splits import LabelledSplits
-from iecl.train.factory import method_from_config
+from iecl.train.factory import loader_spec, method_from_config
 from iecl.train.faults import NonFiniteGuard, NonFiniteLoss
 from iecl.train.optim import build_optimizer, scaled_lr
 from iecl.train.run_dir import check_run_dir
@@ -71,21 +71,7 @@ def build(cfg: Config, images: ImageList | BetonFile, device: torch.device, *,
     torch.manual_seed(cfg.run.seed)
     rank = ddp.rank() if rank is None else rank
     world = ddp.world_size() if world_size is None else world_size
-    d = cfg.data
-    loader = build_loader(
-        d.backend,
-        images,
-        batch_size=cfg.train.batch_size,
-        image_size=d.image_size,
-        recipe=d.recipe,
-        crop_scale=d.crop_scale,
-        seed=cfg.run.seed,
-        workers=d.workers,
-        device=device,
-        rank=rank,
-        world_size=world,
-        decode=d.decode,
-    )
+    loader = build_loader(images, loader_spec(cfg, device, rank, world))
     method, optimizer, scaler, base_lr = build_model(cfg, device, world_size=world)
     return method, loader, optimizer, scaler, base_lr
 
@@ -150,7 +136,7 @@ def pretrain(
     after_step=None,
 ) -> Summary:
     """Train `cfg` into `run_dir`, continuing from checkpoint `state` if given.
-    `knn`: the kNN monitor's data (`train.monitor.knn_splits`), found here if not given.
+    `knn`: the kNN monitor's data (`train.eval.monitor.knn_splits`), found here if not given.
     `after_step(position, method, batch)`: called after every step, skipped or
     not (for tests and tools that watch training).
 

@@ -16,6 +16,7 @@ import sys
 from iecl.pipeline.errors import UserError
 from iecl.train.cli.data import add_commands as add_data_commands
 from iecl.train.cli.eval import add_commands as add_eval_commands
+from iecl.train.cli.export import add_commands as add_export_commands
 from iecl.train.cli.mi import add_commands as add_mi_commands
 from iecl.train.cli.pretrain import EXIT_ON_SIGNAL
 from iecl.train.cli.pretrain import add_commands as add_pretrain_commands
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None, extra_commands=()) -> int:
     add_pretrain_commands(commands)
     add_data_commands(commands)
     add_eval_commands(commands)
+    add_export_commands(commands)
     add_mi_commands(commands)
     for register in extra_commands:
         register(commands)

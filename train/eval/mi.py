@@ -148,7 +148,7 @@ def estimate_mi(
 def mi_splits(root: str | Path, val_fraction: float, seed: int, need_labels: bool) -> tuple[ImageList, ImageList]:
     """(train, held-out) `ImageList`s of DIR.
 
-    Labelled data is split by `train.eval_data.labelled_splits` (the same split
+    Labelled data is split by `train.eval.splits.labelled_splits` (the same split
     as every evaluation command). Unlabelled data is fine for view pairs, which
     never look at labels: a seeded random `val_fraction` is held out instead.
     Class pairs need labels, and say so.

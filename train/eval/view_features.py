@@ -71,7 +71,7 @@ def extract_view_features(
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """Frozen-backbone features of `views` augmented views of every image of
     `images` (an `ImageList`): `(n, V, F)` float32 on `device` (L2-normalised
-    rows, as `train.knn.extract_features` gives them), the indices of the n
+    rows, as `train.eval.knn.extract_features` gives them), the indices of the n
     readable images, and "name (reason)" of each unreadable one."""
     mean = torch.tensor(MEAN_255, device=device)
     std = torch.tensor(STD_255, device=device)
