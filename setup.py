@@ -41,8 +41,9 @@ setup(
         # FFCV builds from source: first `apt-get install libturbojpeg0-dev libopencv-dev pkg-config`.
         "ffcv": ["ffcv>=1.0.2,<1.1"],  # pipeline/ffcv.py builds on 1.0.x internals (EpochIterator, the writer)
         "kernels": ["triton>=3.0"],
+        "wandb": ["wandb>=0.16"],  # log.wandb=true
         # The tests exercise every backend and the kernels (on the CPU), so they need all of them.
-        "dev": ["pytest>=7", "triton>=3.0", "nvidia-dali-cuda120>=1.30", "ffcv>=1.0.2,<1.1"],
+        "dev": ["pytest>=7", "triton>=3.0", "nvidia-dali-cuda120>=1.30", "ffcv>=1.0.2,<1.1", "wandb>=0.16"],
         # NVIDIA apex (optional fused optimizers) is built from NVIDIA's source,
         # never installed from the package index, whose "apex" is another project.
     },

@@ -181,7 +181,8 @@ implementations alone, the loaders alone (pil on every core, DALI, FFCV), the
 IE-CL + SAIB step of ResNet-50 and ResNet-18 with the real loader and with
 the data on the device, compile off and on, SAIB's share per
 implementation, every method with and without SAIB, and a plain supervised
-ResNet-50 step as an anchor. Writes DIR/report.md, one JSON per part, the
+ResNet-50 step as an anchor, and the exported backbone loaded into
+torchvision and timm. Writes DIR/report.md, one JSON per part, the
 charts and logs/, and with --pack DIR.tar.gz.
 
 Each part runs in a process of its own under its share of the budget (the

@@ -77,7 +77,9 @@ class Bookkeeping:
         self.total, self.steps_per_epoch, self.main = total, steps_per_epoch, main
         self.faults = faults
         global_batch = cfg.train.batch_size * t.world_size
-        self.metrics = MetricsLog(run_dir, resume_step=pos.step if resumed else None) if main else _NoMetrics()
+        self.metrics = (MetricsLog(run_dir, resume_step=pos.step if resumed else None,
+                                   wandb=cfg.log if cfg.log.wandb else None, config=cfg.to_dict())
+                        if main else _NoMetrics())
         self.bar = tqdm(total=total, initial=pos.step, unit="step", disable=not (progress and main),
                         dynamic_ncols=True, mininterval=0.5)
         self.window = _Window(global_batch, device)

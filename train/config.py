@@ -169,6 +169,16 @@ class TrainConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where logged rows go besides metrics.jsonl and TensorBoard (always written)."""
+
+    wandb: bool = False  # also Weights & Biases (pip install wandb)
+    wandb_project: str = "iecl"
+    wandb_name: str = ""  # "" -> the run folder's name
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: a local record under the run folder; `wandb sync` later
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +190,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -467,6 +478,12 @@ def resolve_runtime(cfg: Config, cuda_available: bool, bf16_supported: bool, wor
     )
     if t.compile:
         _require(_compiler_available(t.device), _NO_COMPILER[t.device].format(cxx=inductor_cxx()))
+    if cfg.log.wandb:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None,
+                 "log.wandb=true needs Weights & Biases: pip install wandb (or pip install -e '.[wandb]'); "
+                 "or set log.wandb=false")
     if cfg.optim.impl == "apex":
         _require(t.device == "cuda", "optim.impl=apex needs a GPU; use optim.impl=torch")
     if world_size is not None:  # a torchrun launch

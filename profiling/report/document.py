@@ -254,6 +254,16 @@ def _anchor(a: dict | None) -> list[str]:
     return lines
 
 
+def _export(e: dict | None) -> list[str]:
+    if not e:
+        return ["Not measured."]
+    lines = [f"A ResNet-50 with spectral norm, exported under torchvision's names ({e['tensors']} tensors):", ""]
+    for name, r in e["libraries"].items():
+        lines.append(f"- {name}: " + (f"loads strictly; features within {r['max_relative_difference']:.1e} (relative)"
+                                      if r["loaded"] else f"not loaded: {r['error']}"))
+    return lines
+
+
 def parts_table(record: dict) -> str:
     lines = ["| part | status | seconds | share s | note |", "| --- | --- | ---: | ---: | --- |"]
     for name in PART_NAMES:
@@ -288,7 +298,8 @@ def markdown(out: Path, record: dict) -> str:
               "", "## 4. The IE-CL + SAIB step (`iecl profile`)", "", *_profiles(out, record["parts"]),
               *([""] + ["![steps](steps.png)"] if (out / "steps.png").exists() else []),
               "", "## 5. Every method with and without SAIB, ResNet-50 (`iecl compare`)", "", *_compare(load(out, "compare")),
-              "", "## 6. Anchor: a plain supervised ResNet-50 step", "", *_anchor(load(out, "anchor"))]
+              "", "## 6. Anchor: a plain supervised ResNet-50 step", "", *_anchor(load(out, "anchor")),
+              "", "## 7. The exported backbone in torchvision and timm (`iecl export`)", "", *_export(load(out, "export"))]
     if scale["name"] == "dry-run":
         lines += ["", "This is a dry run: toy sizes, every code path of the full report; its times mean nothing."]
     return "\n".join(lines) + "\n"

@@ -404,10 +404,54 @@ def supervised_step(model, cfg, steps: int, warmup: int) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def export(ctx: Context) -> dict:
+    """`iecl export`'s conversion on this machine's libraries: a ResNet-50 with
+    spectral norm (one power iteration done, so sigma is not trivial), exported
+    under torchvision's names, loaded strictly into torchvision's and timm's
+    resnet50 (classifier removed); the largest feature difference against ours."""
+    from iecl.model.resnet import build_backbone, plain_state_dict, to_torchvision_names
+
+    torch.manual_seed(0)
+    ours = build_backbone("resnet50", spectral_norm=True)
+    x = torch.randn(4, 3, 64, 64)
+    ours.train()(x)
+    state = to_torchvision_names(plain_state_dict(ours))
+    with torch.no_grad():
+        expected = ours.eval()(x)
+    result = {"tensors": len(state), "libraries": {}}
+    builders = {"torchvision": _torchvision_resnet50, "timm": _timm_resnet50}
+    for name, build in builders.items():
+        try:
+            model = build()
+            model.load_state_dict(state, strict=True)
+            with torch.no_grad():
+                got = model.eval()(x)
+            diff = (got - expected).abs().max().item() / expected.abs().max().item()
+            result["libraries"][name] = {"loaded": True, "max_relative_difference": diff}
+        except Exception as err:  # noqa: BLE001 - a library missing or refusing the keys is the finding
+            result["libraries"][name] = {"loaded": False, "error": _error(err).splitlines()[-1]}
+        ctx.save(result)
+    return result
+
+
+def _torchvision_resnet50():
+    import torchvision
+
+    model = torchvision.models.resnet50()
+    model.fc = torch.nn.Identity()
+    return model
+
+
+def _timm_resnet50():
+    import timm
+
+    return timm.create_model("resnet50", num_classes=0, pretrained=False)
+
+
 #: part name -> function
 RUN = {
     "machine": machine, "saib": saib, "data": data, "loader": loader, "profile-r50": profile_r50,
-    "profile-r18": profile_r18, "anchor": anchor, "compare": compare, "saib-in-step": saib_in_step,
+    "profile-r18": profile_r18, "anchor": anchor, "export": export, "compare": compare, "saib-in-step": saib_in_step,
     "profile-r18-compile": profile_r18_compile, "profile-r50-compile": profile_r50_compile,
 }
 

@@ -42,6 +42,7 @@ PARTS = (
     Part("profile-r50", "IE-CL + SAIB ResNet-50 step: real loader and data on the device (profile)", needs_data=True),
     Part("profile-r18", "IE-CL + SAIB ResNet-18 step: real loader and data on the device (profile)", needs_data=True),
     Part("anchor", "plain supervised ResNet-50 training step: ours without spectral norm, torchvision's"),
+    Part("export", "the exported backbone loaded strictly into torchvision's and timm's ResNet-50, features compared"),
     Part("compare", "every method with and without SAIB, ResNet-50: real loader and data on the device (compare)",
          needs_data=True),
     Part("saib-in-step", "IE-CL + SAIB ResNet-50 step with the Triton and the compiled SAIB (profile, data on the device)"),
@@ -92,7 +93,7 @@ FULL = Scale(
     budget_minutes=8.0,
     # Expected GPU seconds (H100-class; see the module docstring).
     estimates={"machine": 10, "saib": 60, "data": 30, "loader": 80, "profile-r50": 35, "profile-r18": 25,
-               "anchor": 25, "compare": 120, "saib-in-step": 50, "profile-r18-compile": 60,
+               "anchor": 25, "export": 10, "compare": 120, "saib-in-step": 50, "profile-r18-compile": 60,
                "profile-r50-compile": 90},
 )
 
@@ -111,7 +112,7 @@ DRY_RUN = Scale(
     # get 3 s: on a CPU their warm-up takes minutes, so the dry run checks that an
     # overrun is stopped and reported.
     estimates={"machine": 6, "saib": 13, "data": 4, "loader": 12, "profile-r50": 7, "profile-r18": 7,
-               "anchor": 4, "compare": 31, "saib-in-step": 32, "profile-r18-compile": 3,
+               "anchor": 4, "export": 4, "compare": 31, "saib-in-step": 32, "profile-r18-compile": 3,
                "profile-r50-compile": 3},
     max_share=2.0,
 )
