@@ -4,12 +4,13 @@ All of them run without gradient and in float32, with autocast switched off, on
 whatever device the embeddings live on; none of them is a training objective.
 
 - `effective_rank`: how many directions the batch really uses (collapse -> 1).
-- `renyi2_entropy`: the matrix-based Renyi-2 entropy of
-  papers/matrix-information-ssl-summary.txt (the same estimator IE-CL can use as
+- `renyi2_entropy`: the matrix-based Renyi-2 entropy of *Information Flow in
+  Self-Supervised Learning* (Tan et al.; the same estimator IE-CL can use as
   its entropy term, `model.losses.Renyi2Entropy`, reused here).
 - `infonce_mi_bound` / `infonce_mi_ceiling`: the InfoNCE lower bound on the
   mutual information between the two views, and the most it can ever report
-  (papers/mi-analysis-contrastive-summary.txt: the log(2K - 1) ceiling).
+  (the log(2K - 1) ceiling of *Towards a Rigorous Analysis of Mutual
+  Information in Contrastive Learning*, Lee et al. 2023, arXiv:2308.15704).
 
 How the bound applies to this project's loss (model/losses/infonce.py): with a
 batch of B pairs, `InfoNCE(q, k)` scores each query q_i against the B keys
@@ -84,7 +85,7 @@ def infonce_mi_bound(loss_nce: float | torch.Tensor, negatives: int) -> torch.Te
 def infonce_mi_ceiling(batch_size: int) -> float:
     """log(2K - 1): the largest MI a symmetric in-batch (NT-Xent) loss on K pairs can report.
 
-    This is the ceiling of papers/mi-analysis-contrastive-summary.txt, where
+    This is the ceiling of *Towards a Rigorous Analysis of Mutual Information in Contrastive Learning* (Lee et al. 2023, arXiv:2308.15704), where
     each of the 2K views is contrasted with the other 2K - 1. This project's
     `InfoNCE` contrasts a query only with the B keys, so its own ceiling is
     log(B) (`infonce_mi_bound(0.0, B - 1)`); `diagnostics` reports both.

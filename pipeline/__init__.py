@@ -10,11 +10,11 @@ builds the backend a `LoaderSpec` names; `open_images` lists a data.root.
 
 from __future__ import annotations
 
-from iecl.pipeline.augment import RECIPES, get_recipe
+from iecl.pipeline.augment import RECIPES
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList, scan_image_folder
 from iecl.pipeline.sources import BetonFile, open_images
-from iecl.pipeline.spec import DaliOptions, Loader, LoaderSpec
+from iecl.pipeline.spec import BatchPlan, DaliOptions, Loader, LoaderSpec
 from iecl.pipeline.views import MEAN_255, STD_255, ViewBatch
 
 BACKENDS = ("pil", "dali", "ffcv")
@@ -22,32 +22,22 @@ BACKENDS = ("pil", "dali", "ffcv")
 
 def build_loader(images: ImageList | BetonFile, spec: LoaderSpec) -> Loader:
     """The `spec.backend` loader over `images` (an `ImageList`; a `BetonFile` for ffcv)."""
-    common = {
-        "recipes": get_recipe(spec.recipe, spec.crop_scale),
-        "batch_size": spec.batch_size,
-        "image_size": spec.image_size,
-        "seed": spec.seed,
-        "workers": spec.workers,
-        "device": spec.device,
-        "rank": spec.rank,
-        "world_size": spec.world_size,
-    }
     if spec.backend == "ffcv":
         if not isinstance(images, BetonFile):
             raise DataError(f"data.backend=ffcv reads .beton files; convert first: iecl convert {images.root} OUT.beton")
         from iecl.pipeline.ffcv import FfcvLoader
 
-        return FfcvLoader(images.path, **common)
+        return FfcvLoader(images.path, spec.plan)
     if isinstance(images, BetonFile):
         raise DataError(f"{images.path} is an FFCV file: set data.backend=ffcv")
     if spec.backend == "pil":
         from iecl.pipeline.reference import ReferenceLoader
 
-        return ReferenceLoader(images, **common)
+        return ReferenceLoader(images, spec.plan)
     if spec.backend == "dali":
         from iecl.pipeline.dali import DaliLoader
 
-        return DaliLoader(images, decode=spec.decode, options=spec.dali, **common)
+        return DaliLoader(images, spec.plan, decode=spec.decode, options=spec.dali)
     raise ValueError(f"unknown data backend {spec.backend!r}; choose one of {BACKENDS}")
 
 
@@ -56,6 +46,7 @@ __all__ = [
     "MEAN_255",
     "RECIPES",
     "STD_255",
+    "BatchPlan",
     "BetonFile",
     "DaliOptions",
     "DataError",

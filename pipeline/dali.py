@@ -60,7 +60,7 @@ from iecl.pipeline.decode import DECODE_ERRORS
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
 from iecl.pipeline.sampler import EpochBatchSampler
-from iecl.pipeline.spec import DaliOptions
+from iecl.pipeline.spec import BatchPlan, DaliOptions
 from iecl.pipeline.views import ViewBatch
 
 DECODE_MODES = ("shared", "window")
@@ -300,30 +300,17 @@ class DaliLoader:
     `bad_files` lists, cumulatively, the files that were skipped as unreadable.
     """
 
-    def __init__(
-        self,
-        images: ImageList,
-        *,
-        recipes: tuple[ViewRecipe, ViewRecipe],
-        batch_size: int,
-        image_size: int,
-        seed: int,
-        workers: int,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        decode: str = "shared",
-        options: DaliOptions | None = None,
-    ) -> None:
+    def __init__(self, images: ImageList, plan: BatchPlan, *, decode: str = "shared",
+                 options: DaliOptions | None = None) -> None:
         self._pipe = None  # first, so close() works whatever fails below
         _require_dali()
         if decode not in DECODE_MODES:
             raise ValueError(f"unknown DALI decode mode {decode!r}; choose one of {DECODE_MODES}")
-        self.images, self.recipes, self.image_size = images, recipes, image_size
-        self.batch_size, self.workers, self.decode = batch_size, workers, decode
+        self.images, self.recipes, self.image_size = images, plan.recipes, plan.image_size
+        self.batch_size, self.workers, self.decode = plan.batch_size, plan.workers, decode
         self.options = options or DaliOptions()
-        self.device = torch.device(device)
-        self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
+        self.device = torch.device(plan.device)
+        self.sampler = plan.sampler(len(images))
         self.bad_files: list[str] = []
         self._reported: set[str] = set()
         self._cursor: tuple[int, int] | None = None  # (epoch, batch) the pipeline delivers next

@@ -28,13 +28,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from iecl.pipeline.augment import sample_crop
 from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
-from iecl.pipeline.reference import _ignore_sigint
+from iecl.pipeline.reference import worker_loader
 from iecl.pipeline.views import MEAN_255, STD_255, normalize
 
 #: Random-resized-crop area range of the linear probe's training views (MoCo's protocol).
@@ -177,20 +177,8 @@ class EvalLoader:
         self.sampler = EvalBatchSampler(len(images), batch_size, train_augment, seed, rank, world_size)
         self.mean = torch.tensor(MEAN_255, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(STD_255, dtype=torch.float32, device=self.device)
-        self.loader = DataLoader(
-            EvalDataset(images, image_size, train_augment, seed),
-            batch_sampler=self.sampler,
-            num_workers=workers,
-            collate_fn=collate_eval,
-            pin_memory=self.device.type == "cuda",
-            # The linear probe iterates many epochs; the epoch travels in each key,
-            # so persistent workers stay correct and skip a restart per epoch.
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-            # Ctrl-C reaches the workers too; the training loop (whose kNN monitor
-            # uses this loader) stops at a step boundary and must still fetch.
-            worker_init_fn=_ignore_sigint if workers > 0 else None,
-        )
+        self.loader = worker_loader(EvalDataset(images, image_size, train_augment, seed), self.sampler, workers,
+                                    collate_eval, self.device)
 
     def __len__(self) -> int:
         return len(self.sampler)

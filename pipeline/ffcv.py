@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iecl.pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rngs
+from iecl.pipeline.augment import ViewParams, sample_view_params, view_rngs
 from iecl.pipeline.device_augment import augment_batch, stack_params
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
-from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.spec import BatchPlan
 from iecl.pipeline.views import ViewBatch
 
 INSTALL_HINT = "apt-get install libturbojpeg0-dev libopencv-dev pkg-config; pip install ffcv"
@@ -353,20 +353,7 @@ class FfcvLoader:
     with the reference's view parameters (see the module docstring).
     """
 
-    def __init__(
-        self,
-        beton_path: str,
-        *,
-        recipes: tuple[ViewRecipe, ViewRecipe],
-        batch_size: int,
-        image_size: int,
-        seed: int,
-        workers: int,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        batches_ahead: int = 2,
-    ) -> None:
+    def __init__(self, beton_path: str, plan: BatchPlan, *, batches_ahead: int = 2) -> None:
         _ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader, OrderOption
@@ -378,11 +365,12 @@ class FfcvLoader:
         if missing:
             raise DataError(f"{beton_path} has no {' or '.join(sorted(missing))} field; make it with iecl convert")
         self.path = reader.file_name
-        self.device = torch.device(device)
-        self.recipes, self.image_size, self.seed = recipes, image_size, seed
-        self.batch_size = batch_size
+        self.device = torch.device(plan.device)
+        self.recipes, self.image_size, self.seed = plan.recipes, plan.image_size, plan.seed
+        self.batch_size = batch_size = plan.batch_size
         self.bad_files: list[str] = []  # convert left the unreadable images out
-        self.sampler = EpochBatchSampler(int(reader.num_samples), batch_size, seed, rank, world_size)
+        self.sampler = plan.sampler(int(reader.num_samples))
+        image_size, workers = plan.image_size, plan.workers
 
         TableCropDecoder, self._iterator_class, self._failed = _loader_classes()
         size = (image_size, image_size)

@@ -19,7 +19,7 @@ from iecl.pipeline.augment import ViewRecipe, two_views, view_rngs
 from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
-from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.spec import BatchPlan
 from iecl.pipeline.views import ViewBatch
 
 
@@ -73,36 +73,33 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def worker_loader(dataset, batch_sampler, workers: int, collate, device: torch.device) -> DataLoader:
+    """A DataLoader over `dataset` in `workers` processes, as every PIL-based
+    loader here uses it: pinned memory for a GPU, persistent workers (an epoch
+    travels in each sample's key, so they stay correct across epochs and skip a
+    restart per epoch), and workers that ignore Ctrl-C (the training loop stops
+    at a step boundary and must still fetch)."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_sigint if workers > 0 else None,
+    )
+
+
 class ReferenceLoader:
     """Backend `pil`: iterate -> `ViewBatch` on `device`; `len()` batches per epoch."""
 
-    def __init__(
-        self,
-        images: ImageList,
-        *,
-        recipes: tuple[ViewRecipe, ViewRecipe],
-        batch_size: int,
-        image_size: int,
-        seed: int,
-        workers: int,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.device = device
-        self.batch_size = batch_size
+    def __init__(self, images: ImageList, plan: BatchPlan) -> None:
+        self.device, self.batch_size, workers = plan.device, plan.batch_size, plan.workers
         self.bad_files: list[str] = []  # "name (reason)" of each unreadable image met and replaced
-        self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
-        self.loader = DataLoader(
-            TwoViewDataset(images, recipes, image_size, seed),
-            batch_sampler=self.sampler,
-            num_workers=workers,
-            collate_fn=collate_views,
-            pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_ignore_sigint if workers > 0 else None,
-        )
+        self.sampler = plan.sampler(len(images))
+        self.loader = worker_loader(TwoViewDataset(images, plan.recipes, plan.image_size, plan.seed), self.sampler,
+                                    workers, collate_views, self.device)
 
     def __len__(self) -> int:
         return len(self.sampler)

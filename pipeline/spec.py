@@ -10,6 +10,8 @@ from typing import Protocol
 
 import torch
 
+from iecl.pipeline.augment import ViewRecipe
+from iecl.pipeline.sampler import EpochBatchSampler
 from iecl.pipeline.views import ViewBatch
 
 
@@ -29,17 +31,28 @@ class DaliOptions:
 
 
 @dataclass(frozen=True)
-class LoaderSpec:
-    backend: str  # "pil", "dali" or "ffcv" (pipeline.BACKENDS)
+class BatchPlan:
+    """What every backend is built from: which two views (recipes, size), in
+    which batches (this rank's shard of each epoch's seeded order), delivered
+    to which device by how many workers."""
+
+    recipes: tuple[ViewRecipe, ViewRecipe]  # anchor's, query's
     batch_size: int  # per rank
     image_size: int
-    recipe: str  # pipeline.augment.RECIPES
     seed: int
     workers: int
     device: torch.device
-    crop_scale: tuple[float, float] | None = None  # None: the recipe's own
     rank: int = 0
     world_size: int = 1
+
+    def sampler(self, num_images: int) -> EpochBatchSampler:
+        return EpochBatchSampler(num_images, self.batch_size, self.seed, self.rank, self.world_size)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    backend: str  # "pil", "dali" or "ffcv" (pipeline.BACKENDS)
+    plan: BatchPlan
     decode: str = "shared"  # dali: one full decode per image, or a windowed decode per view
     dali: DaliOptions = field(default_factory=DaliOptions)
 

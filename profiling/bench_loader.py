@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from iecl.pipeline import DataError, LoaderSpec, build_loader, open_images
+from iecl.pipeline import BatchPlan, DataError, LoaderSpec, build_loader, open_images
+from iecl.pipeline.augment import get_recipe
 from iecl.pipeline.sources import open_beton
 from iecl.profiling.machine import versions
 
@@ -87,8 +88,8 @@ def _sync(device: torch.device) -> None:
 def bench_one(images, backend: str, decode: str, device: torch.device, args) -> LoaderResult:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     watch = MemoryWatch(device)
-    loader = build_loader(images, LoaderSpec(backend, args.batch_size, args.image_size, args.recipe, args.seed, workers,
-                                             device, decode=decode))
+    plan = BatchPlan(get_recipe(args.recipe, None), args.batch_size, args.image_size, args.seed, workers, device)
+    loader = build_loader(images, LoaderSpec(backend, plan, decode=decode))
     needed = args.warmup + args.steps
     if needed > len(loader):
         # Several epochs are fine (a loader must sustain them); say how many.

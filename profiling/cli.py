@@ -106,7 +106,7 @@ def register_profile(commands) -> None:
         description=PROFILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_arguments(p)
-    p.add_argument("--isolate-iters", type=int, default=10, help="runs of each stage alone (default 10)")
+    p.add_argument("--isolate-iters", type=int, default=10, help="runs of each stage alone (default 10; 0: in place only)")
     p.add_argument("--data-on-device", action="store_true",
                    help="no loader: random uint8 views already on the device (the model-only ceiling)")
     p.add_argument("--trace", metavar="PATH", help="also write a torch.profiler Chrome/Perfetto trace (.json or .json.gz)")
@@ -193,7 +193,7 @@ A folder can be filled in several calls (--parts), and report.md shows
 everything in it. Exit status 1 if a part failed.
 
 --dry-run runs every part at toy sizes (about two minutes on a 2-core CPU,
-most of it the Triton interpreter and ten small compare configurations):
+most of it Triton's interpreter and ten small compare configurations):
 a check, before a GPU is there, that the full run will not fail at start.
 On a machine with no package index, run the source checkout itself:
 python3 CHECKOUT report ...

@@ -73,8 +73,10 @@ def _profile(h: Harness, cfg, steps, warmup, isolate_iters, trace, trace_steps, 
     wall, per_step = run_steps(h, source, steps, first_step=warmup, laps=True)
     resident = itertools.cycle(views)
     model_wall, _ = run_steps(h, resident, steps, first_step=warmup + steps)
-    log(f"iecl profile: timing each stage alone ({isolate_iters} times)")
-    isolated = isolate(h, views, source if h.loader is not None else None, isolate_iters)
+    isolated = {}  # --isolate-iters 0: in place only
+    if isolate_iters > 0:
+        log(f"iecl profile: timing each stage alone ({isolate_iters} times)")
+        isolated = isolate(h, views, source if h.loader is not None else None, isolate_iters)
     peak = matmul_tflops(h.device, iters=10, warmup=3)
     report = _report(cfg, h, per_step, wall / steps, model_wall / steps, isolated, flop, peak, warm_s)
     report.update(steps=steps, warmup=warmup, isolate_iters=isolate_iters)
@@ -219,7 +221,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"iecl profile: {r['config']}",
         (f"  device {r['device']}; data {r['data']}; {r['steps']} steps after {r['warmup']} warm-up "
-        f"({r['warmup_seconds']:.1f} s); isolated: median of {r['isolate_iters']}"),
+        f"({r['warmup_seconds']:.1f} s); isolated: "
+         + (f"median of {r['isolate_iters']}" if r["isolate_iters"] else "not measured (--isolate-iters 0)")),
         "",
         f"  {'stage':<28} {'in place ms':>12} {'share':>7} {'isolated ms':>12}",
     ]

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from iecl.pipeline import DaliOptions, DataError, scan_image_folder
+from iecl.pipeline import BatchPlan, DaliOptions, DataError, scan_image_folder
 from iecl.pipeline.augment import ViewRecipe, get_recipe
 from iecl.pipeline.dali import DaliLoader
 from iecl.pipeline.reference import ReferenceLoader
@@ -34,9 +34,8 @@ def images(tmp_path_factory):
     return scan_image_folder(root)
 
 
-def _dali(images, *, recipes=MOCOV2, batch=4, size=32, seed=0, workers=0, **kw) -> DaliLoader:
-    return DaliLoader(images, recipes=recipes, batch_size=batch, image_size=size, seed=seed, workers=workers,
-                      device=CPU, **kw)
+def _dali(images, *, recipes=MOCOV2, batch=4, size=32, seed=0, workers=0, rank=0, world_size=1, **kw) -> DaliLoader:
+    return DaliLoader(images, BatchPlan(recipes, batch, size, seed, workers, CPU, rank, world_size), **kw)
 
 
 def _epoch(loader, epoch: int, start_batch: int = 0) -> list:
@@ -80,8 +79,7 @@ def test_same_batches_and_pixels_as_reference(images):
     statistics agree (DALI's hue rotation and blur differ slightly from PIL's)."""
     for recipe, bound in ((PLAIN, 2.0), (MOCOV2[0], None)):
         dali = _epoch(_dali(images, recipes=(recipe, recipe), size=48), 1)
-        ref = _epoch(ReferenceLoader(images, recipes=(recipe, recipe), batch_size=4, image_size=48, seed=0,
-                                     workers=0, device=CPU), 1)
+        ref = _epoch(ReferenceLoader(images, BatchPlan((recipe, recipe), 4, 48, 0, 0, CPU)), 1)
         assert [b.label.tolist() for b in dali] == [b.label.tolist() for b in ref]
         if bound is not None:
             for d, r in zip(dali, ref):
@@ -110,8 +108,7 @@ ONE_STEP = {
 def test_each_augmentation_matches_reference(images, step):
     recipe = replace(PLAIN, **ONE_STEP[step])
     dali = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32), 0)[0]
-    ref = _epoch(ReferenceLoader(images, recipes=(recipe, PLAIN), batch_size=8, image_size=32, seed=0, workers=0,
-                                 device=CPU), 0)[0]
+    ref = _epoch(ReferenceLoader(images, BatchPlan((recipe, PLAIN), 8, 32, 0, 0, CPU)), 0)[0]
     assert _mad(dali.anchor, ref.anchor) < (6.0 if step == "jitter" else 2.0)
     assert _mad(dali.anchor, dali.query) > 2.0 or step == "flip"  # the step did something
 
@@ -128,8 +125,7 @@ def test_arithmetic_contrast_is_the_same(images):
 def test_fast_hue_is_a_hue_shift(images):
     """dali.exact_hue=false: DALI's YIQ rotation, the same direction as PIL's shift."""
     recipe = replace(PLAIN, **ONE_STEP["hue"])
-    ref = _epoch(ReferenceLoader(images, recipes=(recipe, PLAIN), batch_size=8, image_size=32, seed=0, workers=0,
-                                 device=CPU), 0)[0]
+    ref = _epoch(ReferenceLoader(images, BatchPlan((recipe, PLAIN), 8, 32, 0, 0, CPU)), 0)[0]
     fast = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32, options=DaliOptions(exact_hue=False)), 0)[0]
     exact = _epoch(_dali(images, recipes=(recipe, PLAIN), batch=8, size=32), 0)[0]
     assert not torch.equal(fast.anchor, exact.anchor)  # the option reaches the graph

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 if importlib.util.find_spec("ffcv") is None:  # importing ffcv itself would set torch to one thread
     pytest.skip("ffcv is not installed", allow_module_level=True)
 
-from iecl.pipeline import DataError, scan_image_folder
+from iecl.pipeline import BatchPlan, DataError, scan_image_folder
 from iecl.pipeline.augment import get_recipe
 from iecl.pipeline.ffcv import FfcvLoader, beton_info, convert, read_labels
 from iecl.pipeline.reference import ReferenceLoader
@@ -46,16 +47,16 @@ def beton(data, tmp_path_factory):
     return out, info
 
 
+def _plan(workers: int, **changes) -> BatchPlan:
+    return replace(BatchPlan(RECIPES, BATCH, SIZE, SEED, workers, torch.device("cpu")), **changes)
+
+
 def _loader(beton_path, **changes) -> FfcvLoader:
-    kw = {"recipes": RECIPES, "batch_size": BATCH, "image_size": SIZE, "seed": SEED, "workers": 1,
-          "device": torch.device("cpu")}
-    return FfcvLoader(str(beton_path), **{**kw, **changes})
+    return FfcvLoader(str(beton_path), _plan(1, **changes))
 
 
 def _reference(data, **changes) -> ReferenceLoader:
-    kw = {"recipes": RECIPES, "batch_size": BATCH, "image_size": SIZE, "seed": SEED, "workers": 0,
-          "device": torch.device("cpu")}
-    return ReferenceLoader(scan_image_folder(data), **{**kw, **changes})
+    return ReferenceLoader(scan_image_folder(data), _plan(0, **changes))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from iecl.pipeline import DataError, LoaderSpec, build_loader, scan_image_folder
+from iecl.pipeline import (
+    BatchPlan,
+    DataError,
+    LoaderSpec,
+    build_loader,
+    scan_image_folder,
+)
 from iecl.pipeline.augment import RECIPES, get_recipe, sample_crop
 from iecl.pipeline.folder import UNLABELED
 from iecl.pipeline.sampler import EpochBatchSampler
@@ -142,8 +148,7 @@ def test_recipes():
 
 
 def _loader(root, workers=0, seed=0, batch=8, size=32):
-    return build_loader(scan_image_folder(root), LoaderSpec("pil", batch_size=batch, image_size=size, recipe="mocov2",
-                        crop_scale=None, seed=seed, workers=workers, device=CPU))
+    return build_loader(scan_image_folder(root), LoaderSpec("pil", BatchPlan(get_recipe("mocov2"), batch, size, seed, workers, CPU)))
 
 
 def test_loader_batches(tiny_data):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from iecl.pipeline import DataError, LoaderSpec, build_loader, open_images
+from iecl.pipeline import BatchPlan, DataError, LoaderSpec, build_loader, open_images
+from iecl.pipeline.augment import get_recipe
 from iecl.pipeline.decode import decode_rgb
 from iecl.pipeline.folder import UNLABELED
 from iecl.pipeline.sampler import EpochBatchSampler
@@ -61,8 +62,7 @@ def test_unlabeled_tar_shards_and_loader(tmp_path, tiny_data):
     _write_shards(tmp_path, folder, per_shard=48, with_labels=False)
     shards = open_images(tmp_path / "train-000.tar")
     assert {label for _, label in shards.samples} == {UNLABELED}
-    loader = build_loader(shards, LoaderSpec("pil", batch_size=8, image_size=32, recipe="mocov2", crop_scale=None,
-                          seed=0, workers=0, device=CPU))
+    loader = build_loader(shards, LoaderSpec("pil", BatchPlan(get_recipe("mocov2"), 8, 32, 0, 0, CPU)))
     batch = next(iter(loader))
     assert batch.anchor.shape == (8, 32, 32, 3) and (batch.label == UNLABELED).all()
 
@@ -134,14 +134,12 @@ def test_validate_command(capsys, tmp_path, damaged, tiny_data):
 
 def test_reference_loader_replaces_and_counts_bad_images(damaged):
     images = open_images(damaged)
-    loader = build_loader(images, LoaderSpec("pil", batch_size=10, image_size=32, recipe="mocov2", crop_scale=None,
-                          seed=0, workers=0, device=CPU))
+    loader = build_loader(images, LoaderSpec("pil", BatchPlan(get_recipe("mocov2"), 10, 32, 0, 0, CPU)))
     batches = list(loader)
     assert len(batches) == len(loader) == 5  # full batches, nothing dropped for the bad files
     assert sorted(name.split(" (")[0].rsplit("/", 1)[1] for name in loader.bad_files) == ["text.JPEG", "truncated.JPEG"]
     # Replaced by the next readable image, deterministically.
-    again = list(build_loader(images, LoaderSpec("pil", batch_size=10, image_size=32, recipe="mocov2", crop_scale=None,
-                              seed=0, workers=0, device=CPU)))
+    again = list(build_loader(images, LoaderSpec("pil", BatchPlan(get_recipe("mocov2"), 10, 32, 0, 0, CPU))))
     assert all(torch.equal(a.anchor, b.anchor) for a, b in zip(batches, again))
 
 
@@ -178,8 +176,7 @@ def test_sharding_disjoint_complete_equal_and_reshuffled():
 def test_every_epoch_yields_every_batch(tiny_data):
     """Peers have shipped loaders whose dropped last batch silently skipped
     epochs: iterating E epochs must give exactly E * len(loader) batches."""
-    loader = build_loader(open_images(tiny_data), LoaderSpec("pil", batch_size=7, image_size=32, recipe="mocov2",
-                          crop_scale=None, seed=1, workers=0, device=CPU))
+    loader = build_loader(open_images(tiny_data), LoaderSpec("pil", BatchPlan(get_recipe("mocov2"), 7, 32, 1, 0, CPU)))
     counts = []
     for epoch in range(3):
         loader.set_epoch(epoch)

@@ -12,7 +12,8 @@ import torch
 
 from iecl.kernels.view_prep import ViewPrep
 from iecl.model.methods import Method, build_method
-from iecl.pipeline.spec import DaliOptions, LoaderSpec
+from iecl.pipeline.augment import get_recipe
+from iecl.pipeline.spec import BatchPlan, DaliOptions, LoaderSpec
 from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train import checkpoint as ckpt
 from iecl.train.config import (
@@ -100,6 +101,6 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tup
 def loader_spec(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> LoaderSpec:
     """The loader of `cfg`: data.* and dali.*, this rank's shard."""
     d = cfg.data
-    return LoaderSpec(d.backend, cfg.train.batch_size, d.image_size, d.recipe, cfg.run.seed, d.workers, device,
-                      d.crop_scale, rank, world_size, d.decode, DaliOptions(cfg.dali.arithmetic_contrast,
-                                                                            cfg.dali.exact_hue))
+    plan = BatchPlan(get_recipe(d.recipe, d.crop_scale), cfg.train.batch_size, d.image_size, cfg.run.seed, d.workers,
+                     device, rank, world_size)
+    return LoaderSpec(d.backend, plan, d.decode, DaliOptions(cfg.dali.arithmetic_contrast, cfg.dali.exact_hue))

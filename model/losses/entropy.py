@@ -1,7 +1,7 @@
 """Entropy estimators for a batch of embeddings (IE-CL's -lambda * H(z_query)).
 
 Both work on L2-normalised embeddings, in float32, and are differentiable.
-See papers/matrix-information-ssl-summary.txt (total coding rate, matrix-based
+See *Information Flow in Self-Supervised Learning* (Tan et al.) (total coding rate, matrix-based
 Renyi entropy).
 """
 

@@ -263,7 +263,7 @@ def _converted(ctx: Context, args, beton_for, result: dict):
 # ------------------------------------------------------------- the step
 
 
-def _profile_one(ctx: Context, extra: list[str], loader: bool) -> dict:
+def _profile_one(ctx: Context, extra: list[str], loader: bool, isolate_iters: int | None = None) -> dict:
     from iecl.pipeline import open_images
     from iecl.profiling.harness import load_resolved
     from iecl.profiling.step_profile import profile
@@ -271,7 +271,8 @@ def _profile_one(ctx: Context, extra: list[str], loader: bool) -> dict:
     s = ctx.scale
     cfg = load_resolved(ctx.config, ctx.training_overrides(*extra, loader=loader))
     images = open_images(ctx.data) if loader else None
-    report = profile(cfg, images, s.profile_steps, s.profile_warmup, s.isolate_iters, log=ctx.log)
+    isolate = s.isolate_iters if isolate_iters is None else isolate_iters
+    report = profile(cfg, images, s.profile_steps, s.profile_warmup, isolate, log=ctx.log)
     report["overrides"] = ctx.training_overrides(*extra, loader=loader)
     return report
 
@@ -303,7 +304,8 @@ def saib_in_step(ctx: Context) -> dict:
         ctx.log(f"kernels.saib_impl={impl}")
         try:
             result[impl] = _profile_one(ctx, [f"model.backbone={ctx.scale.r50}", "train.compile=false",
-                                              f"kernels.saib_impl={impl}"], loader=False)
+                                              f"kernels.saib_impl={impl}"], loader=False,
+                                        isolate_iters=ctx.scale.in_step_isolate_iters)
         except Exception as err:  # noqa: BLE001 - recorded; the other implementation still runs
             result[impl] = {"error": _error(err)}
         ctx.save(result)

@@ -27,7 +27,7 @@ The number is a lower bound, in nats (and bits), on I(v1; v2) between the
 frozen encoder's features of the two members of a positive pair, measured on
 held-out images: a fresh critic learns to pick each view's partner among 2K
 views, and log(2K - 1) minus its loss is the bound (Lee et al. 2023, the
-post-training estimate of papers/mi-analysis-contrastive-summary.txt). No
+post-training estimate of *Towards a Rigorous Analysis of Mutual Information in Contrastive Learning* (Lee et al. 2023, arXiv:2308.15704)). No
 estimate at batch K can exceed its ceiling log(2K - 1), so one close to the
 ceiling means "at least this much": a larger --batch-size (more images) shows
 more, which is why K defaults to well above the pretraining batch, whose own

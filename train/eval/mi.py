@@ -1,7 +1,6 @@
-"""`iecl mi`: post-training mutual-information estimation (Lee et al. 2023).
-
-papers/mi-analysis-contrastive-summary.txt: an InfoNCE estimate measured
-*during* pretraining can never exceed log(2K - 1) for the training batch K, so
+"""`iecl mi`: post-training mutual-information estimation, after *Towards a
+Rigorous Analysis of Mutual Information in Contrastive Learning* (Lee et al.
+2023, arXiv:2308.15704). An InfoNCE estimate measured *during* pretraining can never exceed log(2K - 1) for the training batch K, so
 a small-batch run looks as if it kept little information even when it kept a
 lot. Post-training estimation separates the two: the pretrained encoder is
 frozen, a fresh critic (a small projection head on its features) is trained
