@@ -86,18 +86,18 @@ def test_a_failing_part_is_recorded_and_the_rest_run(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "report"
-    proc = _report(tmp_path, "--out", str(out), "--dry-run", "--data", str(empty), "--parts", "data", "loader", "anchor")
+    proc = _report(tmp_path, "--out", str(out), "--dry-run", "--data", str(empty), "--parts", "data", "loader", "export")
     assert proc.returncode == 1, proc.stdout[-3000:]
     parts = json.loads((out / "report.json").read_text())["parts"]
     assert parts["data"]["status"] == "failed" and "no images" in parts["data"]["error"].lower()
     assert parts["loader"] == {**parts["loader"], "status": "skipped"} and "no data" in parts["loader"]["why"]
-    assert parts["anchor"]["status"] == "ok"
+    assert parts["export"]["status"] == "ok"
     md = (out / "report.md").read_text()
     assert "| data | failed |" in md and "| loader | skipped |" in md and "Not measured." in md
     # The same folder takes more parts of the same plan, and keeps the earlier ones.
-    proc = _report(tmp_path, "--out", str(out), "--dry-run", "--data", str(empty), "--parts", "machine")
+    proc = _report(tmp_path, "--out", str(out), "--dry-run", "--data", str(empty), "--parts", "anchor")
     parts = json.loads((out / "report.json").read_text())["parts"]
-    assert set(parts) == {"data", "loader", "anchor", "machine"} and parts["machine"]["status"] == "ok"
+    assert set(parts) == {"data", "loader", "export", "anchor"} and parts["anchor"]["status"] == "ok"
     # ... but not a report of another plan.
     assert main(["report", "--out", str(out), "--data", str(empty), "--parts", "machine"]) == 2
 
@@ -133,9 +133,9 @@ def test_report_help_lists_the_parts(capsys):
 def test_the_device_script_runs_the_checkout(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "IECL_REPORT_OUT": str(out), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "profiling" / "scripts" / "gpu_report.sh"), "--dry-run", "--parts", "machine",
+    proc = subprocess.run(["bash", str(ROOT / "profiling" / "scripts" / "gpu_report.sh"), "--dry-run", "--parts", "export",
                            "--work", str(tmp_path / "work")], env=env, cwd=tmp_path, check=False, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((out / "report.json").read_text())["parts"]["machine"]["status"] == "ok"
+    assert json.loads((out / "report.json").read_text())["parts"]["export"]["status"] == "ok"
     assert (tmp_path / "r.tar.gz").stat().st_size > 0

@@ -6,19 +6,19 @@ from __future__ import annotations
 import dataclasses
 
 from iecl.model.methods.base import Method, Parts
-from iecl.model.methods.byol import BYOL
-from iecl.model.methods.iecl import IECL
-from iecl.model.methods.mocov2 import MoCoV2
 from iecl.model.methods.registry import METHODS
-from iecl.model.methods.simclr import SimCLR
-from iecl.model.methods.simsiam import SimSiam
 from iecl.model.resnet import build_backbone
 from iecl.model.saib import SAIB
 
-# The registry's order is the order of the imports above, sorted here into the
-# order the project reports methods in (IE-CL first, then the papers' order).
-for _name in ("iecl", "mocov2", "simclr", "byol", "simsiam"):
-    METHODS[_name] = METHODS.pop(_name)
+# isort: off
+# Each module registers its method as it is imported: the registry's order (the
+# order reports list methods in) is IE-CL, then its baselines in their papers' order.
+from iecl.model.methods.iecl import IECL
+from iecl.model.methods.mocov2 import MoCoV2
+from iecl.model.methods.simclr import SimCLR
+from iecl.model.methods.byol import BYOL
+from iecl.model.methods.simsiam import SimSiam
+# isort: on
 
 
 def method_class(name: str) -> type[Method]:

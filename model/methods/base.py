@@ -61,12 +61,19 @@ class Method(nn.Module):
     #: method has no contrastive loss, so no bound is reported)
     nce_directions: int = 0
 
-    def __init__(self, parts: Parts) -> None:
+    def __init__(self, parts: Parts, hyper=None) -> None:
         super().__init__()
         #: the view preparation; train.factory sets the configured one (impl, dtype)
         self.prepare = ViewPrep("reference", MEAN_255, STD_255)
         self.saib: SAIB | None = None
         self.saib_weight_decay = 0.0
+        self.hyper = hyper if hyper is not None else self.Hyper()
+        self.build(parts, self.hyper)
+
+    def build(self, parts: Parts, hyper) -> None:
+        """The method's own modules (encoders, heads, losses) from the shared
+        parts and its `Hyper`."""
+        raise NotImplementedError
 
     def attach_saib(self, saib: SAIB, weight_decay: float) -> None:
         """SAIB on the query view, with its own weight decay (paper: gamma)."""

@@ -49,9 +49,7 @@ class BYOL(Method):
         momentum: float = 0.99
         predictor_hidden: int = 4096
 
-    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
-        super().__init__(parts)
-        h = hyper or self.Hyper()
+    def build(self, parts: Parts, h: Hyper) -> None:
         trunk, out = parts.backbone, parts.projector_out
         self.online = Encoder(trunk, BYOLMLP(trunk.feature_dim, parts.projector_hidden, out))
         self.predictor = BYOLMLP(out, h.predictor_hidden, out)

@@ -46,9 +46,7 @@ class IECL(Method):
         entropy: str = "coding_rate"
         coding_rate_eps: float = 0.5
 
-    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
-        super().__init__(parts)
-        h = hyper or self.Hyper()
+    def build(self, parts: Parts, h: Hyper) -> None:
         trunk = parts.backbone
         self.online = Encoder(trunk, MLPBNProjector(trunk.feature_dim, parts.projector_hidden, parts.projector_out))
         self.target = momentum_copy(self.online)

@@ -94,9 +94,7 @@ class MoCoV2(Method):
         queue_size: int = 65536
         symmetric: bool = False
 
-    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
-        super().__init__(parts)
-        h = hyper or self.Hyper()
+    def build(self, parts: Parts, h: Hyper) -> None:
         trunk = parts.backbone
         self.online = Encoder(trunk, MoCoV2Head(trunk.feature_dim, parts.projector_hidden, parts.projector_out))
         self.target = momentum_copy(self.online)

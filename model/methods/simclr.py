@@ -44,9 +44,7 @@ class SimCLR(Method):
 
         tau: float = 0.1
 
-    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
-        super().__init__(parts)
-        h = hyper or self.Hyper()
+    def build(self, parts: Parts, h: Hyper) -> None:
         trunk = parts.backbone
         self.encoder = Encoder(trunk, SimCLRProjector(trunk.feature_dim, parts.projector_hidden, parts.projector_out))
         self.ntxent = NTXent(h.tau)

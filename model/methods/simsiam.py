@@ -40,9 +40,7 @@ class SimSiam(Method):
 
         predictor_hidden: int = 512
 
-    def __init__(self, parts: Parts, hyper: Hyper | None = None) -> None:
-        super().__init__(parts)
-        h = hyper or self.Hyper()
+    def build(self, parts: Parts, h: Hyper) -> None:
         trunk = parts.backbone
         # SimSiam's projector is exactly this layout (3 bias-free Linear-BN, no ReLU and
         # no affine on the last BN); the reference code's last Linear has a frozen bias.
