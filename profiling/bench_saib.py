@@ -36,8 +36,10 @@ from contextlib import nullcontext
 import torch
 
 from iecl.profiling.machine import device_name
+from iecl.train.step import (
+    DTYPES,  # precision name -> torch dtype, as the training step reads it
+)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("reference", "compile", "triton")
 
 

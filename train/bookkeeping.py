@@ -30,7 +30,7 @@ from iecl.train.eval.monitor import KnnMonitor, step_diagnostics
 from iecl.train.eval.splits import LabelledSplits
 from iecl.train.metrics import MetricsLog
 from iecl.train.run_dir import RunDirError
-from iecl.train.step import Outcome
+from iecl.train.step import DTYPES, Outcome
 
 
 @dataclass
@@ -201,8 +201,6 @@ class Bookkeeping:
 
 
 def _eval_dtype(cfg: Config):
-    from iecl.train.step import DTYPES
-
     dtype = DTYPES[cfg.train.precision]
     return dtype if dtype != torch.float32 else None
 
