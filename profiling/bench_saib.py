@@ -35,12 +35,11 @@ from contextlib import nullcontext
 
 import torch
 
+from iecl.profiling.cli import SAIB_IMPLS as IMPLS
 from iecl.profiling.machine import device_name
 from iecl.train.step import (
     DTYPES,  # precision name -> torch dtype, as the training step reads it
 )
-
-IMPLS = ("reference", "compile", "triton")
 
 
 def saib_flop(batch_size: int, image_size: int) -> dict[str, float]:
@@ -184,19 +183,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=None, help="default: 10 on a GPU, 1 on a CPU")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    parser.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU")
-    parser.add_argument("--json", type=str, default=None, help="write the report to this path")
-
-
 def run_args(args: argparse.Namespace) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     warmup = args.warmup if args.warmup is not None else (10 if device.startswith("cuda") else 1)
@@ -218,8 +204,10 @@ def run_args(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from iecl.profiling.cli import add_saib_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    add_saib_arguments(parser)
     return run_args(parser.parse_args(argv))
 
 

@@ -1,9 +1,34 @@
-"""The `iecl bench ...`, `iecl profile` and `iecl compare` commands; iecl.cli
-adds them to the `iecl` command (COMMANDS)."""
+"""The `iecl bench ...`, `iecl profile`, `iecl compare` and `iecl report`
+commands; iecl.cli adds them to the `iecl` command (COMMANDS).
+
+Only the parsers live here, and they import nothing heavy (no torch, no
+model registry): `iecl --help` and these commands' argument errors answer at
+once. Each command's implementation is imported when it runs."""
 
 from __future__ import annotations
 
 import argparse
+
+#: SAIB's dtypes, as train.step.DTYPES names them (tests/test_cli.py checks the two agree)
+PRECISIONS = ("bf16", "fp16", "fp32")
+#: bench saib's implementations, as bench_saib.IMPLS (checked likewise)
+SAIB_IMPLS = ("reference", "compile", "triton")
+#: compare's --saib choices, as compare.SAIB_MODES (checked likewise)
+SAIB_CHOICES = ("both", "on", "off")
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every option's default after its help
+    (unless the help already states it, or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or "default" in text):
+            return text
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {shown})"
 
 BENCH_HELP = """\
 Benchmarks: each prints a table and writes one JSON object (--json).
@@ -44,37 +69,52 @@ For ffcv, DATA may be a .beton, or a folder that is converted once into
 def register(commands) -> None:
     bench = commands.add_parser(
         "bench", help="benchmarks (loader, saib)", description=BENCH_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     which = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     p = which.add_parser(
         "loader", help="loader-only throughput per backend", description=LOADER_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--backend", nargs="+", choices=("pil", "dali", "ffcv"), default=["pil"], help="one or more")
     p.add_argument("--data", required=True, metavar="DATA", help="what data.root accepts; a .beton for ffcv")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--image-size", type=int, default=224, help="crop size in pixels")
+    p.add_argument("--steps", type=int, default=50, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where the views are delivered")
     p.add_argument("--workers", type=int, default=None, help="loader processes/threads (default: all cores)")
-    p.add_argument("--recipe", choices=("mocov2", "simclr", "byol"), default="mocov2")
+    p.add_argument("--recipe", choices=("mocov2", "simclr", "byol"), default="mocov2", help="augmentation recipe")
     p.add_argument("--decode", nargs="+", choices=("shared", "window"), default=["shared"], help="dali decode mode(s)")
-    p.add_argument("--beton", metavar="PATH", help="ffcv: where to write/read the converted folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beton", metavar="PATH",
+                   help="ffcv: where to write/read the converted folder (default: under ~/.cache/iecl/bench)")
+    p.add_argument("--seed", type=int, default=0, help="augmentation seed")
     p.add_argument("--json", metavar="PATH", help="write the result as one JSON object")
     p.set_defaults(run=_run_loader)
 
 
     p = which.add_parser(
         "saib", help="SAIB kernels against the reference and torch.compile", description=SAIB_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
-    from iecl.profiling.bench_saib import add_arguments
-
-    add_arguments(p)
+    add_saib_arguments(p)
     p.set_defaults(run=_run_saib)
+    from iecl.profiling import bench_draws  # a light module: its parser only
+
+    bench_draws.register(which)
+
+
+def add_saib_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=256, help="SAIB's channels: the batch")
+    parser.add_argument("--image-size", type=int, default=224, help="view size in pixels")
+    parser.add_argument("--patch", type=int, default=16, help="patch size in pixels")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="bf16", help="autocast dtype (fp32: none)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--iters", type=int, default=50, help="timed runs of each phase")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 10 on a GPU, 1 on a CPU)")
+    parser.add_argument("--impls", default=",".join(SAIB_IMPLS), help=f"comma-separated subset of {','.join(SAIB_IMPLS)}")
+    parser.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU")
+    parser.add_argument("--json", type=str, default=None, help="write the report to this path")
 
 
 PROFILE_HELP = """\
@@ -152,15 +192,14 @@ method. Writes compare.md, compare.json and compare.png (the paper's Figures
 
 
 def register_compare(commands) -> None:
-    from iecl.profiling.compare import IMAGENET_TRAIN_IMAGES, METHODS, SAIB_MODES
-
     p = commands.add_parser(
         "compare", help="epoch time of every method with and without SAIB (table, JSON, chart)",
         description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_arguments(p)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD", help=f"of {', '.join(METHODS)} (default: all)")
-    p.add_argument("--saib", choices=tuple(SAIB_MODES), default="both", help="SAIB off, on or both (default both)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="registered method names: iecl and the baselines (default: all of them)")
+    p.add_argument("--saib", choices=SAIB_CHOICES, default="both", help="SAIB off, on or both (default both)")
     p.add_argument("--no-loader", action="store_true", help="only the model-only timing (data on the device)")
     p.add_argument("--epoch-images", type=int, default=IMAGENET_TRAIN_IMAGES,
                    help=f"images in the projected epoch (default {IMAGENET_TRAIN_IMAGES:,}, ImageNet-1k train)")

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from iecl.model.methods import METHODS as REGISTRY
+from iecl.profiling.cli import IMAGENET_TRAIN_IMAGES
 from iecl.profiling.harness import (
     batches,
     build_harness,
@@ -48,7 +49,6 @@ from iecl.profiling.harness import (
 from iecl.profiling.machine import device_name, versions
 from iecl.train.config import ConfigError, method_own_values
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
 METHODS = tuple(REGISTRY)
 SAIB_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
 PAPER_OVERHEAD = "the paper (Appendix D) reports 8.8% on average and 12.3% for SimCLR"
@@ -273,7 +273,8 @@ def write(r: dict, out: Path) -> dict[str, Path]:
 def run_args(args) -> int:
     from iecl.train.data import resolve_images
 
-    unknown = [m for m in args.methods if m not in METHODS]
+    methods = args.methods or METHODS
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     images = None
@@ -281,7 +282,7 @@ def run_args(args) -> int:
         cfg = load_resolved(args.config, args.overrides)
         images = resolve_images(cfg.data, progress=not args.no_progress)
     start = time.perf_counter()
-    report = compare(args.config, args.overrides, args.methods, args.saib, images, args.steps, args.warmup,
+    report = compare(args.config, args.overrides, methods, args.saib, images, args.steps, args.warmup,
                      args.epoch_images, log=lambda text: print(text, file=sys.stderr))
     report["command_seconds"] = time.perf_counter() - start
     report["command"] = " ".join(["iecl", *sys.argv[1:]])

@@ -335,3 +335,76 @@ def test_sigint_saves_at_a_step_boundary_and_resume_matches(tmp_path, tiny_data)
     expected = read_metrics(reference)
     for row, want in zip(rows, expected):
         assert (row["step"], row["loss"], row["lr"]) == (want["step"], want["loss"], want["lr"])
+
+
+# ------------------------------------------------------------- help and argument errors are fast
+
+#: argv -> exit status: top-level help and errors, and profiling's commands' own
+FAST = {("--help",): 0, (): 2, ("pretrian",): 2, ("bench", "--help"): 0, ("bench", "saib", "--help"): 0,
+        ("bench", "loader", "--help"): 0, ("bench", "loader"): 2, ("profile", "--steps", "x"): 2,
+        ("compare", "--help"): 0, ("compare", "--bogus"): 2, ("report", "--help"): 0}
+
+_FAST_CHECK = """
+import contextlib, io, json, runpy, sys
+root, cases = sys.argv[1], json.loads(sys.argv[2])
+codes = []
+for argv in cases:
+    sys.argv = ["iecl", *argv]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                import iecl  # installed (pip install -e .): python -m iecl
+                runpy.run_module("iecl", run_name="__main__", alter_sys=True)
+            except ModuleNotFoundError:  # a plain checkout: python3 CHECKOUT
+                runpy.run_path(root + "/__main__.py", run_name="__main__")
+        codes.append(None)
+    except SystemExit as err:
+        codes.append(err.code)
+print(json.dumps({"codes": codes, "heavy": sorted(m for m in ("torch", "numpy", "iecl.train.cli") if m in sys.modules)}))
+"""
+
+
+def test_help_and_argument_errors_do_not_import_torch(tmp_path):
+    """`iecl --help`, a misspelt command and profiling's commands' help and
+    argument errors answer without importing torch (seconds on a busy machine)."""
+    root = Path(__file__).resolve().parent.parent
+    cases = [list(argv) for argv in FAST]
+    run = subprocess.run([sys.executable, "-c", _FAST_CHECK, str(root), json.dumps(cases)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["codes"] == list(FAST.values())
+    assert result["heavy"] == []
+
+
+def test_the_light_top_level_help_is_the_full_one(capsys):
+    """iecl.cli lists train's commands from TRAIN_COMMANDS without importing
+    them: the list must read as train.cli's own parser has it."""
+    from iecl.cli import light_parser
+    from iecl.profiling.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"], extra_commands=COMMANDS)  # the full parser
+    assert capsys.readouterr().out == light_parser().format_help()
+
+
+def test_the_parsers_lists_agree_with_what_they_name():
+    from iecl.profiling import bench_saib, cli, compare
+    from iecl.train.step import DTYPES
+
+    assert set(cli.PRECISIONS) == set(DTYPES)
+    assert cli.SAIB_IMPLS == bench_saib.IMPLS
+    assert set(cli.SAIB_CHOICES) == set(compare.SAIB_MODES)
+
+
+def test_bench_help_shows_the_defaults(capsys):
+    from iecl.cli import main as iecl_main
+
+    for bench, expected in (("loader", ("(default: 256)", "(default: pil)", "(default: 0)")),
+                            ("saib", ("(default: 50)", "(default: bf16)", "(default: 16)"))):
+        with pytest.raises(SystemExit):
+            iecl_main(["bench", bench, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for default in expected:
+            assert default in text, (bench, default)
+        assert "(default: None)" not in text
