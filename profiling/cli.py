@@ -102,9 +102,6 @@ def register(commands) -> None:
     from iecl.profiling import bench_draws  # a light module: its parser only
 
     bench_draws.register(which)
-    from iecl.profiling import bench_draws  # a light module: its parser only
-
-    bench_draws.register(which)
 
 
 def add_saib_arguments(parser: argparse.ArgumentParser) -> None:
