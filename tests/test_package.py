@@ -44,3 +44,18 @@ def test_the_wheel_installs_everything_under_iecl_and_ignores_the_users_files(tm
     for command in (["-m", "iecl", "--help"], ["-m", "iecl.train", "--help"]):
         run = subprocess.run([sys.executable, *command], check=False, cwd=user, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and "usage: iecl" in run.stdout, run.stderr[-2000:]
+
+
+def test_the_metadata_is_in_pyproject_and_agrees_with_the_package():
+    import tomllib
+
+    import iecl
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == iecl.__version__
+    assert project["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert any(dep.startswith("torch>=") for dep in project["dependencies"])  # a range: a CUDA build stays
+    assert any(dep.startswith("numpy") for dep in project["dependencies"])
+    assert {"dali", "ffcv", "kernels", "wandb", "dev"} <= set(project["optional-dependencies"])
+    assert project["scripts"]["iecl"] == "iecl.cli:main"
+    assert "name=" not in (ROOT / "setup.py").read_text()  # one place for the metadata
