@@ -18,7 +18,7 @@ import torch
 _warned: set[str] = set()
 
 #: the modules that define Triton kernels (decorated when imported)
-KERNEL_MODULES = ("iecl.kernels.saib_fwd", "iecl.kernels.saib_bwd", "iecl.kernels.view_prep_triton")
+KERNEL_MODULES = ("iecl.kernels.saib_gemm", "iecl.kernels.saib_passes", "iecl.kernels.view_prep_triton")
 
 
 def interpreting() -> bool:

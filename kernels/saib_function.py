@@ -1,10 +1,10 @@
 """SAIB's Triton path as a `torch.autograd.Function`, and the functions with
 the reference's signatures (`kernels/saib_reference.py`) that call it.
 
-Forward saves the input, the parameters, the four pre-BN activations z1..z4
-(the compute dtype) and the per-channel mean and 1/std; backward recomputes
-every post-BN activation from them inside its kernels. Parameter gradients are
-fp32, the input's gradient has the input's dtype.
+Forward saves the parameters, every GEMM input (P, h1 framed, h2, h3) and the
+four pre-BN activations z1..z4 as patch-order matrices in the compute dtype,
+and the per-channel mean and 1/std; backward recomputes nothing per tile.
+Parameter gradients are fp32, the input's gradient has the input's dtype.
 
 Dtypes: the GEMMs run in the autocast dtype when autocast is on for the
 input's device, else in the parameters' dtype (fp32); the output has that
@@ -34,27 +34,27 @@ class SAIBFunction(torch.autograd.Function):
     def forward(ctx, x, norm_mean, norm_std, pos, w1, w2, w3, w4, g1, g2, g3, g4, b1, b2, b3, b4, config):
         weights, gammas, betas = (w1, w2, w3, w4), (g1, g2, g3, g4), (b1, b2, b3, b4)
         norm = (norm_mean, norm_std) if x.dtype == torch.uint8 else None
-        out, zs, stats, geo = saib_forward(
+        out, acts, zs, stats, geo = saib_forward(
             x, norm, pos, weights, gammas, betas, config.running_means, config.running_vars,
             patch=config.patch, training=config.training, momentum=config.momentum, eps=config.eps,
             dtype=config.dtype, out_dtype=config.dtype, view_dtype=config.view_dtype)
         means, rstds = zip(*stats)
-        ctx.save_for_backward(x, norm_mean, norm_std, pos, *weights, *gammas, *betas, *zs, *means, *rstds)
+        ctx.save_for_backward(*weights, *gammas, *betas, *acts, *zs, *means, *rstds)
         ctx.geo = geo
         ctx.batch_stats = config.training or config.running_means is None
         ctx.dtype = config.dtype
+        ctx.input_dtype, ctx.pos_shape, ctx.pos_dtype = x.dtype, pos.shape, pos.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
-        x, norm_mean, norm_std, pos = saved[:4]
-        weights, gammas, betas, zs = saved[4:8], saved[8:12], saved[12:16], saved[16:20]
+        weights, gammas, betas, acts, zs = saved[0:4], saved[4:8], saved[8:12], saved[12:16], saved[16:20]
         stats = list(zip(saved[20:24], saved[24:28]))
-        norm = (norm_mean, norm_std) if ctx.geo.uint8 else None
         dx, dpos, dws, dgammas, dbetas = saib_backward(
-            grad_out, x, norm, pos, weights, gammas, betas, zs, stats, ctx.geo,
-            training=ctx.batch_stats, dtype=ctx.dtype, needs_input_grad=ctx.needs_input_grad[0])
+            grad_out, acts, weights, gammas, betas, zs, stats, ctx.geo, training=ctx.batch_stats,
+            dtype=ctx.dtype, needs_input_grad=ctx.needs_input_grad[0], input_dtype=ctx.input_dtype)
+        dpos = dpos.view(ctx.pos_shape).to(ctx.pos_dtype)
         return (dx, None, None, dpos, *dws, *dgammas, *dbetas, None)
 
 
@@ -76,6 +76,9 @@ def _apply(x, norm_mean, norm_std, view_dtype, params: SAIBParams, patch, traini
 
 def _check_geometry(batch: int, channels: int, height: int, width: int, params: SAIBParams, patch: int) -> None:
     assert channels == 3 and height % patch == 0 and width % patch == 0, ((batch, channels, height, width), patch)
+    if patch % 4:  # a GEMM row tile (>= 16 rows, tl.dot's smallest) must not cross a patch
+        raise ValueError(f"the Triton SAIB needs a patch size that is a multiple of 4, got {patch}; "
+                         "use kernels.saib_impl=reference")
     assert params.conv_weights[0].shape[0] == batch, "SAIB's channels are the batch"
 
 

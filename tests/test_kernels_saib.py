@@ -37,9 +37,9 @@ FP32_TOL = 2e-5
 def _kernels_parsed():
     from conftest import rewrite_interpreted_kernels
 
-    from iecl.kernels import saib_bwd, saib_fwd
+    from iecl.kernels import saib_gemm, saib_passes
 
-    rewrite_interpreted_kernels(saib_fwd, saib_bwd)
+    rewrite_interpreted_kernels(saib_gemm, saib_passes)
 
 
 @pytest.fixture(autouse=True)
