@@ -7,10 +7,12 @@ semantics (RandomResizedCrop's sampling loop and fallback, ColorJitter's
 random order of the four adjustments, PIL's ImageEnhance and HSV hue shift),
 without depending on torchvision.
 
-Randomness comes from a `numpy.random.Generator` passed in by the caller, which
-seeds it from (seed, epoch, sample index, view): a sample's views do not depend
-on which worker made them or on what came before, which is what makes data
-order and augmentations identical after a resume.
+`sample_view_params` is torchvision's algorithm on a `numpy.random.Generator`:
+the definition of the distributions (and what `iecl`'s evaluation views draw
+from). The loaders draw the same distributions for a whole batch at once,
+counter-based (`pipeline/draws.py`): a sample's views depend on (seed, epoch,
+sample index, view) alone, not on which worker made them or on what came
+before, which is what makes data order and augmentations identical after a resume.
 """
 
 from __future__ import annotations
@@ -170,19 +172,6 @@ def apply_view(img: Image.Image, params: ViewParams, size: int) -> np.ndarray:
 
 
 def view_rngs(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """The generators of sample `index`'s two views in `epoch`: every backend uses these."""
+    """Generators for sample `index`'s two views in `epoch` (the evaluation's
+    augmented views; the training loaders use `pipeline.draws` instead)."""
     return tuple(np.random.default_rng([seed, epoch, index, view]) for view in range(2))
-
-
-def two_views(
-    img: Image.Image, recipes: tuple[ViewRecipe, ViewRecipe], size: int, rngs: tuple[np.random.Generator, np.random.Generator]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Two independently augmented views of one decoded RGB image.
-
-    (Decoding JPEGs at a reduced DCT scale via `Image.draft` was measured on the
-    synthetic set: 25% faster per image at 96-pixel crops, no gain at 224, so the
-    reference keeps the plain full decode.)
-    """
-    width, height = img.size
-    a, b = (apply_view(img, sample_view_params(rng, r, width, height, size), size) for r, rng in zip(recipes, rngs))
-    return a, b

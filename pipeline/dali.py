@@ -55,8 +55,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iecl.pipeline.augment import ViewParams, ViewRecipe, sample_view_params, view_rngs
-from iecl.pipeline.decode import DECODE_ERRORS
+from iecl.pipeline.augment import ViewParams, ViewRecipe
+from iecl.pipeline.bad_files import BadFileLog
+from iecl.pipeline.decode import DECODE_ERRORS, describe, inspect_image
+from iecl.pipeline.draws import draw_two_views
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
 from iecl.pipeline.sampler import EpochBatchSampler
@@ -161,7 +163,7 @@ class SampleSource:
             source = (index + skipped) % n
             try:
                 data = self.images.read(source)
-                return source, data, check_encoded(data), skipped
+                return source, data, inspect_image(data), skipped
             except DECODE_ERRORS:
                 continue
         raise DataError(f"none of the {n} images in {self.images.root} can be read; run `iecl validate DATA_DIR`")
@@ -176,11 +178,8 @@ class SampleSource:
         source, data, (width, height), skipped = self.readable(index)
         # A replacement keeps this slot's augmentation draws (so it is not a
         # duplicate of the replacement's own views) and brings its own label.
-        rngs = view_rngs(self.sampler.seed, epoch, index)
-        vectors = [
-            view_vector(sample_view_params(rng, recipe, width, height, self.image_size))
-            for recipe, rng in zip(self.recipes, rngs)
-        ]
+        draws = draw_two_views(self.recipes, self.sampler.seed, epoch, [index], [width], [height], self.image_size)
+        vectors = [view_vector(d.params(0)) for d in draws]
         return (
             np.frombuffer(data, np.uint8),
             np.array(self.images.samples[source][1], np.int64),
@@ -311,10 +310,14 @@ class DaliLoader:
         self.options = options or DaliOptions()
         self.device = torch.device(plan.device)
         self.sampler = plan.sampler(len(images))
-        self.bad_files: list[str] = []
-        self._reported: set[str] = set()
+        self._bad = BadFileLog(images)
         self._cursor: tuple[int, int] | None = None  # (epoch, batch) the pipeline delivers next
         self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def bad_files(self) -> list[str]:
+        """"name (reason)" of each unreadable image met and replaced, once each."""
+        return self._bad.names
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -400,10 +403,14 @@ class DaliLoader:
         for slot in np.flatnonzero(skipped):
             index = int(self._indices(epoch)[start + slot])
             for k in range(int(skipped[slot])):
-                name = self.images.name((index + k) % n)
-                if name not in self._reported:
-                    self._reported.add(name)
-                    self.bad_files.append(name)
+                i = (index + k) % n
+                try:
+                    inspect_image(self.images.read(i))
+                    reason = "cannot be decoded"
+                except DECODE_ERRORS as err:
+                    reason = describe(err)
+                name = self.images.relative_name(i)
+                if self._bad.add(name, reason):
                     warnings.warn(f"cannot read {name}; replaced by the next readable image", stacklevel=3)
 
     def __iter__(self) -> Iterator[ViewBatch]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from iecl.pipeline.augment import ViewParams
+from iecl.pipeline.draws import ViewDraws
 
 #: Box passes of PIL's GaussianBlur (ImagingGaussianBlur's `passes`).
 BLUR_PASSES = 3
@@ -66,8 +67,30 @@ def pil_box_kernel(sigma: float) -> np.ndarray:
     return np.array([edge] + [inner] * (2 * whole + 1) + [edge])
 
 
-def stack_params(params: list[ViewParams], device) -> dict[str, torch.Tensor]:
-    """Per-sample tensors of a batch's `ViewParams`, on `device`.
+def pil_box_kernels(sigmas: np.ndarray) -> np.ndarray:
+    """`pil_box_kernel` of every sigma (> 0) at once: float64 (n, 2R + 1), each
+    row centred and zero-padded to the largest half-width R (float32 radius
+    arithmetic, as Pillow's C and the scalar version)."""
+    sigmas = np.asarray(sigmas, np.float64)
+    if not len(sigmas):
+        return np.zeros((0, 1))
+    sigma2 = sigmas.astype(np.float32) * sigmas.astype(np.float32) / np.float32(BLUR_PASSES)
+    length = np.sqrt(12.0 * sigma2.astype(np.float64) + 1.0).astype(np.float32)
+    whole = np.floor((length.astype(np.float64) - 1.0) / 2.0).astype(np.float32)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2)
+    frac = frac / (6 * (sigma2 - (whole + 1) * (whole + 1)))
+    radius = (whole + frac).astype(np.float64)
+    taps = radius.astype(np.int64)  # the integer radius of each row
+    inner = 1.0 / (2 * radius + 1)
+    edge = (1.0 - (2 * taps + 1) * inner) / 2
+    half = int(taps.max()) + 1
+    offset = np.abs(np.arange(-half, half + 1))[None, :]  # (1, 2R + 1)
+    return np.where(offset <= taps[:, None], inner[:, None], np.where(offset == taps[:, None] + 1, edge[:, None], 0.0))
+
+
+def stack_params(params: list[ViewParams] | ViewDraws, device) -> dict[str, torch.Tensor]:
+    """Per-sample tensors of a batch's view parameters (a `ViewDraws`, or a list
+    of `ViewParams`), on `device`.
 
     jitter, grayscale, solarize, flip: bool (B,); brightness, contrast,
     saturation: float32 (B,); hue_shift: int64 (B,), the shift in PIL's uint8
@@ -79,27 +102,23 @@ def stack_params(params: list[ViewParams], device) -> dict[str, torch.Tensor]:
     samples with sigma > 0, and blur_kernel: float32 (n_b, 2R + 1), their box
     pass weights centred and zero-padded to the largest half-width R.
     """
-    n = len(params)
-    order = np.array([p.order if p.jitter else (_NO_OP,) * 4 for p in params], np.int64).reshape(n, 4)
-    blurred = [i for i, p in enumerate(params) if p.blur_sigma > 0]
-    kernels = [pil_box_kernel(params[i].blur_sigma) for i in blurred]
-    half = max((len(k) // 2 for k in kernels), default=0)
-    blur = np.zeros((len(kernels), 2 * half + 1), np.float32)
-    for row, k in zip(blur, kernels):
-        row[half - len(k) // 2 : half + len(k) // 2 + 1] = k
+    draws = params if isinstance(params, ViewDraws) else ViewDraws.from_params(params)
+    order = np.where(draws.jitter[:, None], draws.order, _NO_OP).astype(np.int64)
+    blurred = np.flatnonzero(draws.blur_sigma > 0)
+    # torchvision's PIL adjust_hue: uint8(round(shift * 255) % 256); np.round halves to even, as Python's round
+    hue_shift = np.round(draws.hue * 255).astype(np.int64) % 256
     host = {
-        "brightness": torch.tensor([p.brightness for p in params], dtype=torch.float32),
-        "contrast": torch.tensor([p.contrast for p in params], dtype=torch.float32),
-        "saturation": torch.tensor([p.saturation for p in params], dtype=torch.float32),
-        # torchvision's PIL adjust_hue: uint8(round(shift * 255) % 256), Python's round
-        "hue_shift": torch.tensor([round(p.hue * 255) % 256 for p in params], dtype=torch.int64),
+        "brightness": torch.from_numpy(draws.brightness.astype(np.float32)),
+        "contrast": torch.from_numpy(draws.contrast.astype(np.float32)),
+        "saturation": torch.from_numpy(draws.saturation.astype(np.float32)),
+        "hue_shift": torch.from_numpy(hue_shift),
         "order": torch.from_numpy(order),
-        "jitter": torch.tensor([p.jitter for p in params], dtype=torch.bool),
-        "grayscale": torch.tensor([p.grayscale for p in params], dtype=torch.bool),
-        "solarize": torch.tensor([p.solarize for p in params], dtype=torch.bool),
-        "flip": torch.tensor([p.flip for p in params], dtype=torch.bool),
-        "blurred": torch.tensor(blurred, dtype=torch.int64),
-        "blur_kernel": torch.from_numpy(blur),
+        "jitter": torch.from_numpy(draws.jitter.astype(bool)),
+        "grayscale": torch.from_numpy(draws.grayscale.astype(bool)),
+        "solarize": torch.from_numpy(draws.solarize.astype(bool)),
+        "flip": torch.from_numpy(draws.flip.astype(bool)),
+        "blurred": torch.from_numpy(blurred.astype(np.int64)),
+        "blur_kernel": torch.from_numpy(pil_box_kernels(draws.blur_sigma[blurred]).astype(np.float32)),
         **{f"hue_at_{p}": torch.from_numpy(np.flatnonzero(order[:, p] == 3)) for p in range(4)},
     }
     device = torch.device(device)

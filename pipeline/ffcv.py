@@ -9,9 +9,9 @@ written under a temporary name beside the target and renamed at the end.
 
 Loading (`FfcvLoader`) gives the same batches as the reference loader: the
 order is `EpochBatchSampler`'s, and every random choice of a view comes from
-`sample_view_params` with the generators of `view_rngs(seed, epoch, index)`,
-drawn for the *source* size so that they are the numbers the PIL reference
-draws. FFCV's JIT-compiled decoder crops each sample at its own box (scaled to
+the batch draws (`pipeline.draws.draw_two_views`, keyed by seed, epoch and
+index), drawn for the *source* size so that they are the numbers the PIL
+reference draws. FFCV's JIT-compiled decoder crops each sample at its own box (scaled to
 the stored resolution) and resizes it to `image_size`; colour jitter,
 grayscale, blur, solarize and flip then run batched on the device
 (`pipeline.device_augment`). What still differs from the reference: the
@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iecl.pipeline.augment import ViewParams, sample_view_params, view_rngs
 from iecl.pipeline.device_augment import augment_batch, stack_params
+from iecl.pipeline.draws import ViewDraws, draw_two_views
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
 from iecl.pipeline.spec import BatchPlan
@@ -443,16 +443,12 @@ class FfcvLoader:
         """The function FFCV's thread calls with each batch's sample indices."""
         recipes, size, source, stored, table = self.recipes, self.image_size, self._source, self._stored, self._table
 
-        def plan(batch_indices: np.ndarray) -> tuple[list[ViewParams], list[ViewParams]]:
-            views: tuple[list[ViewParams], list[ViewParams]] = ([], [])
-            for index in batch_indices:
-                width, height = (int(v) for v in source[index])
-                for view, rng in enumerate(view_rngs(self.seed, epoch, int(index))):
-                    views[view].append(sample_view_params(rng, recipes[view], width, height, size))
+        def plan(batch_indices: np.ndarray) -> tuple[ViewDraws, ViewDraws]:
             idx = np.asarray(batch_indices, np.int64)
+            views = draw_two_views(recipes, self.seed, epoch, idx, source[idx, 0], source[idx, 1], size)
             scale = stored[idx] / source[idx]  # (B, 2): stored pixels per source pixel, x and y
-            for view, params in enumerate(views):
-                box = np.array([p.box for p in params], np.float64)  # (B, 4) left, top, w, h in source pixels
+            for view, draws in enumerate(views):
+                box = draws.box.astype(np.float64)  # (B, 4) left, top, w, h in source pixels
                 left = np.round(box[:, 0] * scale[:, 0])
                 top = np.round(box[:, 1] * scale[:, 1])
                 w = np.clip(np.round(box[:, 2] * scale[:, 0]), 1, stored[idx, 0] - left)

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from iecl.pipeline.augment import ViewRecipe, two_views, view_rngs
+from iecl.pipeline.augment import ViewRecipe, apply_view
+from iecl.pipeline.bad_files import BadFileLog
 from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
+from iecl.pipeline.draws import draw_two_views
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
 from iecl.pipeline.spec import BatchPlan
@@ -28,8 +30,11 @@ class TwoViewDataset(Dataset):
 
     An image that cannot be read or decoded is replaced by the next readable one
     (index + 1, + 2, ... : deterministic, so resumes and reruns agree); `skipped`
-    names what was replaced, so that the loader can count it and the run report
-    it. Nothing is dropped silently and the batch stays full (SAIB needs that).
+    lists (relative name, reason) of what was replaced, so that the loader can
+    count it and the run report it. Nothing is dropped silently and the batch
+    stays full (SAIB needs that). The view parameters come from the per-sample
+    reference draws (`draws.draw_views_reference`), which the fast backends'
+    vectorised draws equal number for number.
     """
 
     def __init__(self, images: ImageList, recipes: tuple[ViewRecipe, ViewRecipe], image_size: int, seed: int) -> None:
@@ -41,19 +46,22 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        skipped: list[str] = []
+        skipped: list[tuple[str, str]] = []
         n = len(self.images)
         for k in range(n):
             i = (index + k) % n
             try:
                 img = decode_rgb(self.images.read(i))
             except DECODE_ERRORS as err:
-                skipped.append(f"{self.images.name(i)} ({describe(err)})")
+                skipped.append((self.images.relative_name(i), describe(err)))
                 continue
-            # The replacement keeps the requested sample's augmentation seed.
-            anchor, query = two_views(img, self.recipes, self.image_size, view_rngs(self.seed, epoch, index))
+            # The replacement keeps the requested sample's draws (drawn for its own size).
+            draws = draw_two_views(self.recipes, self.seed, epoch, [index], [img.width], [img.height],
+                                   self.image_size, reference=True)
+            anchor, query = (apply_view(img, d.params(0), self.image_size) for d in draws)
             return anchor, query, self.images.samples[i][1], skipped
-        raise DataError(f"none of the {n} images of {self.images.root} can be read, e.g. {skipped[0]}")
+        raise DataError(f"none of the {n} images of {self.images.root} can be read, e.g. "
+                        f"{skipped[0][0]} ({skipped[0][1]})")
 
 
 def collate_views(items: list):
@@ -96,10 +104,15 @@ class ReferenceLoader:
 
     def __init__(self, images: ImageList, plan: BatchPlan) -> None:
         self.device, self.batch_size, workers = plan.device, plan.batch_size, plan.workers
-        self.bad_files: list[str] = []  # "name (reason)" of each unreadable image met and replaced
+        self._bad = BadFileLog(images)  # each unreadable file once, however many epochs meet it
         self.sampler = plan.sampler(len(images))
         self.loader = worker_loader(TwoViewDataset(images, plan.recipes, plan.image_size, plan.seed), self.sampler,
                                     workers, collate_views, self.device)
+
+    @property
+    def bad_files(self) -> list[str]:
+        """"name (reason)" of each unreadable image met and replaced, once each."""
+        return self._bad.names
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -113,6 +126,7 @@ class ReferenceLoader:
 
     def __iter__(self) -> Iterator[ViewBatch]:
         for *tensors, skipped in self.loader:
-            self.bad_files.extend(skipped)
+            for name, reason in skipped:
+                self._bad.add(name, reason)
             anchor, query, label = (t.to(self.device, non_blocking=True) for t in tensors)
             yield ViewBatch(anchor, query, label)

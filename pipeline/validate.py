@@ -64,7 +64,7 @@ def validate_images(
     """Decode every image of `images` (`open_images` of a data.root spec)."""
     from tqdm import tqdm
 
-    report = ValidationReport(images.root, checked=len(images))
+    report = ValidationReport(images.root, checked=len(images) + len(images.bad_entries))
     if os.path.isdir(images.root) and images.spans is None:
         report.non_images = non_image_files(images.root)
     workers = max(1, workers or os.cpu_count() or 1)
@@ -83,7 +83,9 @@ def validate_images(
                     bad.extend(found)
                     bar.update(hi - lo)
                     bar.set_postfix(bad=len(bad), refresh=False)
-    report.unreadable = [(images.name(i), reason) for i, reason in sorted(bad)]
+    # Entries the folder walk could not even look at (symlink loops, unreadable folders) come first.
+    entries = [(os.path.join(images.base, name), reason) for name, reason in images.bad_entries]
+    report.unreadable = entries + [(images.name(i), reason) for i, reason in sorted(bad)]
     return report
 
 
@@ -97,6 +99,8 @@ def non_image_files(root: str) -> list[str]:
         for name in sorted(filenames):
             if name.startswith(".") or name == MANIFEST:
                 continue
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                out.append(os.path.join(dirpath, name))
+            path = os.path.join(dirpath, name)
+            # (a symlink loop is a bad entry, reported with the unreadable images; a dangling link is nothing)
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS and os.path.exists(path):
+                out.append(path)
     return out

@@ -191,13 +191,13 @@ def test_bad_files_are_replaced_and_named(tmp_path, images):
     with pytest.warns(UserWarning, match="cannot read"):
         (batch,) = _epoch(loader, 0)
     assert batch.anchor.shape == (8, 32, 32, 3) and batch.anchor.float().std() > 10
-    assert sorted(name.rsplit("/", 1)[1] for name in loader.bad_files) == ["ok3.JPEG", "zz.JPEG"]
+    assert sorted(name.split(" (")[0] for name in loader.bad_files) == ["a/ok3.JPEG", "a/zz.JPEG"]
     _epoch(loader, 1)
     assert len(loader.bad_files) == 2  # cumulative, each file once
     loader.close()
 
 
-def test_all_unreadable_and_undecodable_raise(tmp_path, images):
+def test_all_unreadable_raise_and_a_corrupt_body_is_skipped(tmp_path, images):
     garbage = tmp_path / "garbage" / "a"
     garbage.mkdir(parents=True)
     for i in range(4):
@@ -205,7 +205,8 @@ def test_all_unreadable_and_undecodable_raise(tmp_path, images):
     with pytest.raises(DataError, match="none of the 4 images"):
         _epoch(_dali(scan_image_folder(garbage.parent)), 0)
 
-    # A PNG whose header and IEND are fine but whose pixel data is not: only the decoder can tell.
+    # A PNG whose header and IEND are fine but whose pixel data is not: PIL's full
+    # decode rejects it, so DALI never sees it (one decision of what is readable).
     import io
 
     from PIL import Image
@@ -220,8 +221,11 @@ def test_all_unreadable_and_undecodable_raise(tmp_path, images):
     for i in range(3):
         (corrupt / f"ok{i}.JPEG").write_bytes(Path(images.samples[i][0]).read_bytes())
     (corrupt / "zz.png").write_bytes(bytes(png))
-    with pytest.raises(DataError, match=r"zz\.png.*iecl validate"):
-        _epoch(_dali(scan_image_folder(corrupt.parent)), 0)
+    loader = _dali(scan_image_folder(corrupt.parent))
+    with pytest.warns(UserWarning, match="cannot read"):
+        (batch,) = _epoch(loader, 0)
+    assert [name.split(" (")[0] for name in loader.bad_files] == ["a/zz.png"]
+    assert batch.anchor.float().std() > 10
 
 
 def test_missing_dali_is_a_data_error(images, monkeypatch):
