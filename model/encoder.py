@@ -27,12 +27,18 @@ def momentum_copy(online: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+def ema_update(target: nn.Module, online: nn.Module, momentum: float, finite: torch.Tensor | None = None) -> None:
     """target <- m * target + (1 - m) * online, as one multi-tensor op.
 
     Parameters only: the target's BatchNorm statistics and spectral-norm power
-    iteration vectors come from its own forwards (MoCo's convention).
+    iteration vectors come from its own forwards (MoCo's convention). With
+    `finite` (a device bool: the step's loss was finite) the update is made
+    only where it is true, decided on the device (a lerp by 0 leaves the
+    target exactly as it was).
     """
     target_params = list(target.parameters())
     online_params = list(online.parameters())
-    torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
+    weight = 1.0 - momentum
+    if finite is not None:
+        weight = finite.to(target_params[0].dtype) * weight
+    torch._foreach_lerp_(target_params, online_params, weight)

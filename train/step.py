@@ -5,11 +5,19 @@ and `iecl compare` time.
     forward          the method (or its DistributedDataParallel wrapper) on the
                      loader's uint8 views, under autocast: view preparation,
                      SAIB, encoders, heads, losses
-    agreement        the step's one host synchronisation: is the loss finite,
-                     did any rank see a stop signal or a data error (one
-                     all-reduce under DDP, one read of the loss alone)
+    agreement        under DDP the step's one host synchronisation: is the
+                     loss finite, did any rank see a stop signal or a data
+                     error (one all-reduce); in one process nothing is read:
+                     the loss's finiteness stays on the device
     update           skipped on a non-finite loss; else backward through the
-                     gradient scaler, optimizer step, momentum update
+                     gradient scaler, optimizer step, momentum update. In one
+                     process the skip is made on the device (the optimizer
+                     and the momentum update get the flag, as GradScaler
+                     hands it to fused optimizers), so a step makes no host
+                     sync; the guard reads the losses every few steps
+                     (train/faults.py). fp16 (an enabled GradScaler) and
+                     apex's AdamW keep one read per step: the scaler's own
+                     skip and apex's step take no device flag.
 
 A `mark(stage)` hook is called at the stage boundaries ("heads_loss",
 "sync", "backward", "optimizer", "momentum"); it does nothing in training.
@@ -31,7 +39,7 @@ from torch import nn
 from iecl.model.methods import Method
 from iecl.pipeline import DataError
 from iecl.train.faults import NonFiniteGuard
-from iecl.train.optim import set_lr, warmup_cosine
+from iecl.train.optim import set_lr, skips_on_device, step_unless, warmup_cosine
 
 #: train.precision -> the autocast (and view preparation) dtype
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,7 +57,7 @@ def no_mark(stage: str) -> None:
 class Verdict:
     """What the ranks agreed on after a step's forward (one rank: what it saw)."""
 
-    nonfinite_ranks: int  # ranks whose loss is NaN or infinite
+    nonfinite_ranks: int | torch.Tensor  # ranks whose loss is NaN or infinite (one process: a device bool)
     stop: str | None  # "SIGTERM" or "SIGINT" if any rank saw one (SIGTERM wins)
     error_ranks: int  # ranks whose loader raised a DataError
     bad_images: int  # unreadable images replaced so far, summed over the ranks
@@ -60,12 +68,11 @@ class Agreement(Protocol):
 
 
 class LocalAgreement:
-    """One process: the verdict is what it saw; reading whether the loss is
-    finite is the step's one host synchronisation."""
+    """One process: the verdict is what it saw; whether the loss is finite
+    stays on the device (no host sync)."""
 
     def __call__(self, loss: torch.Tensor, signal: str | None, error: bool, bad_images: int) -> Verdict:
-        nonfinite = int(not torch.isfinite(loss.detach()).item())  # host sync
-        return Verdict(nonfinite, signal, int(error), bad_images)
+        return Verdict(~torch.isfinite(loss.detach()), signal, int(error), bad_images)
 
 
 @dataclass
@@ -85,7 +92,13 @@ class Outcome:
     embeddings: tuple[torch.Tensor, torch.Tensor]  # online embeddings of (anchor, query), detached
     lr: float
     verdict: Verdict
-    updated: bool  # False: a non-finite loss, the step was skipped
+    finite: bool | torch.Tensor  # the update was made (one process: a device bool, read only when asked)
+
+    @property
+    def updated(self) -> bool:
+        """False: a non-finite loss, the step was skipped. In one process
+        reading it is a host sync: the bookkeeping asks at logged rows only."""
+        return bool(self.finite)
 
 
 @dataclass
@@ -112,12 +125,24 @@ class Step:
         verdict = self.agree(losses["loss"], signal, error is not None, bad_images)
         self.mark("sync")
         raise_data_errors(verdict, error, self.max_bad_images, step, self.world_size, latest_bad)
-        updated = self.faults.record(verdict.nonfinite_ranks == 0, step, lambda: self._what_was_not_finite(
-            losses["loss"], verdict))
+        if isinstance(verdict.nonfinite_ranks, torch.Tensor) and self.skips_on_device():
+            finite = ~verdict.nonfinite_ranks
+            self.faults.defer(losses["loss"], step)  # reads the losses only when a stop could be due
+            self.backward(losses)
+            self.update(step, finite)
+            return Outcome(losses, embeddings, lr, verdict, finite)
+        nonfinite = int(verdict.nonfinite_ranks)  # a host sync in one process (fp16, apex), already read under DDP
+        updated = self.faults.record(nonfinite == 0, step, lambda: self._what_was_not_finite(losses["loss"], nonfinite))
         if updated:
             self.backward(losses)
             self.update(step)
         return Outcome(losses, embeddings, lr, verdict, updated)
+
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite step can be skipped with no host sync: the
+        optimizer takes a device flag, and no enabled GradScaler makes its own
+        decision (it reads its flag on the host for most optimizers)."""
+        return skips_on_device(self.optimizer) and not self.scaler.is_enabled()
 
     def forward(self, anchor_u8: torch.Tensor, query_u8: torch.Tensor, step: int):
         lr = self.schedule.lr(step)
@@ -132,17 +157,22 @@ class Step:
         self.scaler.scale(losses["loss"]).backward()  # under DDP: gradients averaged over the ranks
         self.mark("backward")
 
-    def update(self, step: int) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    def update(self, step: int, finite: torch.Tensor | None = None) -> None:
+        """The optimizer step and the momentum update; with `finite` (a device
+        bool) both are made only where it is true, decided on the device."""
+        if finite is None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            step_unless(self.optimizer, (~finite).float())
         self.mark("optimizer")
-        self.method.momentum_update(step / self.schedule.total_steps)
+        self.method.momentum_update(step / self.schedule.total_steps, finite)
         self.mark("momentum")
 
-    def _what_was_not_finite(self, loss: torch.Tensor, verdict: Verdict) -> str:
+    def _what_was_not_finite(self, loss: torch.Tensor, nonfinite_ranks: int) -> str:
         if self.world_size == 1:
             return f"loss is {loss.item()}"
-        return f"the loss is not finite on {verdict.nonfinite_ranks} of {self.world_size} rank(s)"
+        return f"the loss is not finite on {nonfinite_ranks} of {self.world_size} rank(s)"
 
 
 def raise_data_errors(verdict: Verdict, error: DataError | None, limit: int, step: int, world_size: int,

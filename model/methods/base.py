@@ -118,9 +118,11 @@ class Method(nn.Module):
             groups.append({"params": list(self.saib.parameters()), "weight_decay": self.saib_weight_decay, "group": "saib"})
         return groups
 
-    def momentum_update(self, progress: float) -> None:
+    def momentum_update(self, progress: float, finite: torch.Tensor | None = None) -> None:
         """Update momentum (target) networks; `progress` in [0, 1] is the training fraction.
-        Methods without a momentum network leave this as a no-op."""
+        `finite` (a device bool, or None for always): make the update only where it is
+        true, with no host sync (`model.encoder.ema_update`). Methods without a momentum
+        network leave this as a no-op."""
 
     def backbone(self) -> nn.Module:
         """The backbone that evaluation (kNN, linear probe) uses."""

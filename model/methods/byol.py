@@ -73,8 +73,8 @@ class BYOL(Method):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.online, self.predictor]
 
-    def momentum_update(self, progress: float) -> None:
-        ema_update(self.target, self.online, byol_momentum(self.base_momentum, progress))
+    def momentum_update(self, progress: float, finite: torch.Tensor | None = None) -> None:
+        ema_update(self.target, self.online, byol_momentum(self.base_momentum, progress), finite)
 
     def backbone(self) -> nn.Module:
         return self.online.backbone

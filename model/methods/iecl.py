@@ -81,8 +81,8 @@ class IECL(Method):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.online]
 
-    def momentum_update(self, progress: float) -> None:
-        ema_update(self.target, self.online, self.momentum)
+    def momentum_update(self, progress: float, finite: torch.Tensor | None = None) -> None:
+        ema_update(self.target, self.online, self.momentum, finite)
 
     def backbone(self) -> nn.Module:
         return self.online.backbone

@@ -135,8 +135,8 @@ class MoCoV2(Method):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.online]
 
-    def momentum_update(self, progress: float) -> None:
-        ema_update(self.target, self.online, self.momentum)  # constant m (MoCo)
+    def momentum_update(self, progress: float, finite: torch.Tensor | None = None) -> None:
+        ema_update(self.target, self.online, self.momentum, finite)  # constant m (MoCo)
 
     def backbone(self) -> nn.Module:
         return self.online.backbone
