@@ -132,8 +132,8 @@ def saib_gemm_kernel(
 
 @triton.jit
 def saib_wgrad_kernel(
-    dz_desc, a_desc, out_desc,  # out: fp32 partials (SPLITS * TAPS * O, I)
-    O, ROW_TILES, TILES_PER_SPLIT, P, PP, ROWS_F_DZ, ROWS_F_A,
+    dz_desc, a_desc, out_ptr,  # out: fp32 partials (SPLITS * TAPS * O, I), row-major
+    O, I, ROW_TILES, TILES_PER_SPLIT, P, PP, ROWS_F_DZ, ROWS_F_A,
     TAPS: tl.constexpr, DZ_FRAMED: tl.constexpr, A_FRAMED: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -152,7 +152,11 @@ def saib_wgrad_kernel(
         dz = dz_desc.load([_a_row(r0, 0, 1, DZ_FRAMED, P, PP, ROWS_F_DZ), o0])
         a = a_desc.load([_a_row(r0, dy, dx + 1, A_FRAMED, P, PP, ROWS_F_A), i0])
         acc = _dot(dz.T, a, acc, DOT_F32, PREC)
-    out_desc.store([(split * TAPS + tap) * O + o0, i0], acc)
+    # Stored from registers: a TMA store would stage the fp32 tile in shared
+    # memory, which Triton 3.6 does not share with the pipeline (272 KB > 227).
+    offs_o = (split * TAPS + tap) * O + o0 + tl.arange(0, BLOCK_O)
+    offs_i = i0 + tl.arange(0, BLOCK_I)
+    tl.store(out_ptr + offs_o.to(tl.int64)[:, None] * I + offs_i[None, :], acc, mask=(offs_i < I)[None, :])
 
 
 @triton.jit
@@ -201,6 +205,11 @@ def gemm_config(rows_per_patch: int, k: int, n: int, dtype: torch.dtype, epi: in
     an H100 block may use. An epilogue that holds more tiles in registers
     (the gradient's z of the layer below, a residual, an fp32 C) takes N tiles
     of 128: at 256 it spilled (sm_90a compile, batch 256, 224 px)."""
+    if dtype == torch.float32 and not interpreting():
+        # Full-precision fp32 (no TF32, so that it checks tightly) has no wgmma:
+        # Triton multiplies with FMAs from registers, which spilled at 128x128x32
+        # (8 warps) and 64x64x32 (4 warps), not at 64x64x32 with 8 warps.
+        return row_block(rows_per_patch, 64), min(64, max(16, _np2(n))), min(32, max(16, _np2(k))), 8, 3
     block_m = row_block(rows_per_patch, 128)
     wide = 256 if (dtype.itemsize <= 2 and epi != EPI_GRAD and not wide_epilogue) else 128
     block_n = min(wide, max(16, _np2(n)))
@@ -272,8 +281,8 @@ def wgrad(dz: torch.Tensor, a: torch.Tensor, rows: int, geo, *, taps: int = 1, d
     part = empty((splits * taps * o_pad, i), device=dz.device, dtype=torch.float32)
     dot_f32, prec = dot_config(dtype)
     saib_wgrad_kernel[(triton.cdiv(o, block_o), triton.cdiv(i, block_i), taps * splits)](
-        descriptor(dz, [block_r, block_o]), descriptor(a, [block_r, block_i]), descriptor(part, [block_o, block_i]),
-        o_pad, row_tiles, per_split, geo.patch, geo.patch * geo.patch, geo.framed_rows, geo.framed_rows,
+        descriptor(dz, [block_r, block_o]), descriptor(a, [block_r, block_i]), part,
+        o_pad, i, row_tiles, per_split, geo.patch, geo.patch * geo.patch, geo.framed_rows, geo.framed_rows,
         TAPS=taps, DZ_FRAMED=dz_framed, A_FRAMED=a_framed, DOT_F32=dot_f32, PREC=prec,
         STAGES=1 if interpreting() else 3, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
         num_warps=4 if interpreting() else 8,

@@ -381,8 +381,9 @@ def _np2(n: int) -> int:
 
 
 #: The passes that write the image hold an x tile, a matrix tile and int64
-#: pixel offsets: at 4 warps they spilled (sm_90a compile, batch 256, 224 px).
-IMAGE_WARPS = 8
+#: pixel offsets, the dz pass three fp32 tiles: at 4 warps they spilled
+#: (sm_90a compile, batch 256, 224 px; dz with Triton 3.6 only).
+IMAGE_WARPS = MATRIX_WARPS = 8
 
 
 def pass_blocks(channels: int) -> tuple[int, int]:
@@ -454,7 +455,7 @@ def activation(z, bn, channels: int, geo: Geometry, *, res=None, framed: bool = 
     block_r, block_c = pass_blocks(cp)
     act_kernel[(triton.cdiv(rows_out, block_r), triton.cdiv(cp, block_c))](
         z, *bn, res if res is not None else z, out, rows_out, geo.rows, channels, cp, geo.patch, geo.framed_rows,
-        HAS_RES=res is not None, FRAMED=framed, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        HAS_RES=res is not None, FRAMED=framed, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=MATRIX_WARPS)
     return out
 
 
@@ -494,7 +495,7 @@ def dz(d, z, bn, sums, channels: int, geo: Geometry, *, act: bool, training: boo
     block_r, block_c = pass_blocks(cp)
     dz_kernel[(triton.cdiv(rows_out, block_r), triton.cdiv(cp, block_c))](
         d, z, *bn, *sums, out, rows_out, geo.rows, channels, cp, geo.patch, geo.framed_rows, 1.0 / geo.rows,
-        ACT=act, TRAINING=training, FRAMED=framed, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        ACT=act, TRAINING=training, FRAMED=framed, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=MATRIX_WARPS)
     return out
 
 

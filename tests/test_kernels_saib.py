@@ -206,6 +206,67 @@ def test_bf16_autocast_forward_and_gradients():
     assert_all_close(actual, expected, 6e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_precision_forward_and_gradients(dtype, training):
+    """16-bit operands and activations at a non-square size with an odd batch,
+    training and eval, against the fp32 reference (tolerance as above)."""
+    params = random_params(3, 8, 12, 4, seed=15)
+    x, grad_out = inputs(3, 8, 12, seed=16)
+    expected = forward_backward(saib_reference, x, params, grad_out, patch=4, training=training)
+    with torch.autocast(DEVICE, dtype=dtype):
+        actual = forward_backward(saib_triton, x, params, grad_out, patch=4, training=training)
+    assert actual["out"].dtype == dtype
+    actual["out"] = actual["out"].float()
+    assert_all_close(actual, expected, 6e-2)
+
+
+def test_eval_mode_without_running_buffers_uses_batch_statistics():
+    """As nn.BatchNorm2d(track_running_stats=False): batch statistics in eval too."""
+    base = random_params(2, 8, 8, 4, seed=17)
+    x, grad_out = inputs(2, 8, 8, seed=18)
+    results = []
+    for fn in (saib_reference, saib_triton):
+        weights = [w.clone().requires_grad_() for w in base.conv_weights]
+        params = SAIBParams(base.pos_embed, tuple(weights), base.bn_weights, base.bn_biases)
+        xx = x.clone().requires_grad_()
+        out = fn(xx, params, 4, training=False)
+        out.backward(grad_out)
+        results.append({"out": out, "x.grad": xx.grad, **{f"w{i}.grad": w.grad for i, w in enumerate(weights)}})
+    assert_all_close(results[1], results[0], FP32_TOL)
+
+
+def test_patch_size_not_a_multiple_of_four_is_refused():
+    params = random_params(2, 6, 6, 2, seed=19)
+    x, _ = inputs(2, 6, 6, seed=20)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        saib_triton(x, params, 2)
+
+
+def framed_reference(h: torch.Tensor, patches: int, patch: int) -> torch.Tensor:
+    """The framed layout in PyTorch: copy s holds pixel (u' - 1, v' + s - 1)."""
+    channels = h.shape[1]
+    padded_h = torch.nn.functional.pad(h.view(patches, patch, patch, channels), (0, 0, 1, 1, 1, 1))
+    return torch.cat([padded_h[:, :, s:s + patch].reshape(-1, channels) for s in range(3)])
+
+
+def test_framed_activation_layout():
+    """The 3x3's input: silu(bn(z)) in three column-shifted copies, each patch
+    framed by zero rows; the padded channels are zeros too."""
+    from iecl.kernels.saib_passes import Geometry, activation
+
+    geo = Geometry(batch=5, height=8, width=12, patch=4, uint8=False, view_round=0)
+    gen = torch.Generator().manual_seed(21)
+    z = torch.randn(geo.rows, 16, generator=gen).to(DEVICE)
+    mean, rstd, gamma, beta = (torch.randn(5, generator=gen).to(DEVICE) for _ in range(4))
+    framed = activation(z, (mean, rstd, gamma, beta), 5, geo, framed=True)
+    h = torch.nn.functional.silu((z[:, :5] - mean) * rstd * gamma + beta)
+    expected = framed_reference(torch.nn.functional.pad(h, (0, 11)), geo.patches, 4)
+    assert framed.shape == expected.shape == (3 * geo.framed_rows, 16)
+    torch.testing.assert_close(framed, expected, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the module's switch
 
 
