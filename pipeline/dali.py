@@ -1,14 +1,19 @@
-"""Backend `dali`: NVIDIA DALI decodes and augments, on the GPU (or a CPU pipeline).
+"""Backend `dali`: NVIDIA DALI reads, decodes and augments, on the GPU (or a CPU pipeline).
 
-Python decides *what* to load and *which* augmentation to apply; DALI does
-every pixel operation. A per-sample `fn.external_source` callback maps DALI's
-(epoch_idx, idx_in_epoch) onto our own `EpochBatchSampler` order, so the DALI,
-PIL and FFCV backends yield the same images in the same batches, and draws each
-view's `ViewParams` with the reference's `view_rngs` / `sample_view_params`
-(the image size comes from the file header, no pixels are decoded). The params
-reach DALI as per-sample argument inputs; the graph applies them with
-identity values where a step is off (factor 1, hue 0, blur window 1, ...), so
-there is no per-sample branching and no batch splitting.
+Python decides *what* to load and *which* augmentation to apply, once per
+batch; DALI does every byte and pixel operation. A batch-mode
+`fn.external_source` callback (`pipeline/dali_source.py`) maps DALI's
+(epoch_idx, iteration) onto our own `EpochBatchSampler` order, so the DALI, PIL
+and FFCV backends yield the same images in the same batches, and hands the
+graph the batch's file paths (`fn.io.file.read` reads them in DALI's threads),
+labels and both views' parameter vectors, drawn for the whole batch at once
+(`draws.draw_two_views`) on the upright image sizes of the `ImageIndex`, which
+is built once per file and cached: no header is parsed and no image byte
+crosses Python in the hot path. The params reach DALI as per-sample argument
+inputs; the graph applies them with identity values where a step is off
+(factor 1, hue 0, blur window 1, ...), so there is no per-sample branching and
+no batch splitting. Tar-shard members have no path: their bytes come from the
+callback (in DALI's Python workers when `workers` > 0).
 
 Per view, the graph is the reference's `apply_view`:
 
@@ -35,17 +40,23 @@ difference in grey levels; `tests/test_dali.py` bounds them):
 - decode="window" decodes only the crop window, so the resampling filter near
   the crop's edge sees clamped pixels instead of the pixels beyond it.
 
-Unreadable samples (the header does not parse, a JPEG without its end marker,
-a PNG without IEND, a format DALI cannot decode) never reach DALI: the
-callback replaces them by the next readable sample, `(index + 1) % n`, ..., and
-returns how many files it skipped as an extra output, so the main process
-names them in `bad_files` even when the callbacks run in worker processes.
+Unreadable samples never reach DALI: readable is what `iecl validate` and the
+PIL loader decide (`decode.inspect_image`: a full decode, a format every
+backend reads), recorded in the index, so a JPEG with a corrupt body is not
+trained on here either. The callback replaces each by the next readable
+sample, `(index + 1) % n`, ..., and returns how many files it skipped, which
+the loader names in `bad_files` with the index's reasons. EXIF orientation is
+applied by DALI's decoder as by PIL's `exif_transpose`, and the index's sizes
+are upright, so crop boxes are drawn on the pixels actually decoded.
+
+nvJPEG and executor settings (`DaliOptions`: memory padding and preallocation
+hints, `hw_decoder_load`, threads, prefetch depth) default to the values of
+NVIDIA's DeepLearningExamples RN50 pipeline and DALI's own; their effect shows
+on a GPU only, and is not measured on the CPU machine that made this version.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import os
 import re
 import warnings
@@ -53,15 +64,26 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
-from iecl.pipeline.augment import ViewParams, ViewRecipe
 from iecl.pipeline.bad_files import BadFileLog
-from iecl.pipeline.decode import DECODE_ERRORS, describe, inspect_image
-from iecl.pipeline.draws import draw_two_views
+from iecl.pipeline.dali_source import (
+    P_BRIGHTNESS,
+    P_CONTRAST,
+    P_HUE,
+    P_REL_END,
+    P_REL_START,
+    P_ROI_END,
+    P_ROI_START,
+    P_SATURATION,
+    P_SIGMA,
+    P_SOLARIZE,
+    P_WINDOW,
+    BatchSource,
+)
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
-from iecl.pipeline.sampler import EpochBatchSampler
+from iecl.pipeline.index import image_index
+from iecl.pipeline.lifetime import parent_death_signal
 from iecl.pipeline.spec import BatchPlan, DaliOptions
 from iecl.pipeline.views import ViewBatch
 
@@ -70,122 +92,13 @@ INSTALL_HINT = (
     "data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
     "--extra-index-url https://pypi.nvidia.com (or choose data.backend=pil)"
 )
-# Formats DALI's decoders read (PIL's names); anything else is treated as unreadable.
-DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"})
-# The per-view parameter vector (float32) the callback hands to the graph.
-P_BOX = slice(0, 4)  # left, top, w, h: image_slice's anchor (x, y) and shape (w, h), "WH" order
-P_ROI_START, P_ROI_END = slice(4, 6), slice(6, 8)  # resize's ROI in source pixels, (y, x); x swapped = flip
-P_REL_START, P_REL_END = slice(8, 10), slice(10, 12)  # the same over a decoded window, relative
-P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 12, 13, 14, 15
-P_SIGMA, P_WINDOW, P_SOLARIZE = 16, 17, 18
-N_PARAMS = 19
+
+
 def _require_dali():
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
         raise DataError(INSTALL_HINT) from None
-
-
-def view_vector(params: ViewParams) -> np.ndarray:
-    """One view's `ViewParams` as the float32 vector the DALI graph reads."""
-    left, top, w, h = params.box
-    right = left + w
-    vec = np.zeros(N_PARAMS, np.float32)
-    vec[P_BOX] = (left, top, w, h)
-    # A flip is the resize reading its ROI right to left: it commutes with every
-    # later step (pointwise colour operations, a symmetric blur), so it costs no pass.
-    vec[P_ROI_START] = (top, right if params.flip else left)
-    vec[P_ROI_END] = (top + h, left if params.flip else right)
-    vec[P_REL_START] = (0.0, 1.0 if params.flip else 0.0)
-    vec[P_REL_END] = (1.0, 0.0 if params.flip else 1.0)
-    vec[P_BRIGHTNESS] = params.brightness
-    vec[P_CONTRAST] = params.contrast
-    # Grayscale after the jitter is saturation 0: the hue rotation and the
-    # saturation change keep the luma (PIL's L weights), so nothing else matters.
-    vec[P_SATURATION] = 0.0 if params.grayscale else params.saturation
-    # In sextants (6 per turn); PIL shifts its 8-bit H channel by round(hue * 255).
-    vec[P_HUE] = round(params.hue * 255) / 255 * 6
-    if params.blur_sigma > 0:
-        vec[P_SIGMA] = params.blur_sigma
-        vec[P_WINDOW] = 2 * math.ceil(3 * params.blur_sigma) + 1
-    else:  # a one-tap kernel: the identity
-        vec[P_SIGMA], vec[P_WINDOW] = 1.0, 1
-    vec[P_SOLARIZE] = 255.0 if params.solarize else 0.0  # XOR mask of the pixels >= 128
-    return vec
-
-
-def check_encoded(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header, or an `OSError`/`ValueError` saying why
-    DALI should not see these bytes. Cheap: no pixel is decoded."""
-    with Image.open(io.BytesIO(data)) as img:
-        width, height, fmt = img.width, img.height, img.format
-    if fmt not in DALI_FORMATS:
-        raise ValueError(f"{fmt} images cannot be decoded by DALI")
-    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in data[-64:]:
-        raise OSError("JPEG has no end-of-image marker (truncated)")
-    if fmt == "PNG" and b"IEND" not in data[-64:]:
-        raise OSError("PNG has no IEND chunk (truncated)")
-    if width < 1 or height < 1:
-        raise ValueError("empty image")
-    return width, height
-
-
-class SampleSource:
-    """The per-sample external-source callback (picklable: it runs in DALI's workers).
-
-    DALI epoch `epoch_idx` of this pipeline is our epoch `first_epoch + epoch_idx`;
-    its first epoch starts at batch `start_batch`, later ones at 0. Returns
-    (encoded bytes, label, files skipped, anchor params, query params).
-    """
-
-    def __init__(
-        self,
-        images: ImageList,
-        recipes: tuple[ViewRecipe, ViewRecipe],
-        image_size: int,
-        sampler: EpochBatchSampler,
-        first_epoch: int,
-        start_batch: int,
-    ) -> None:
-        self.images, self.recipes, self.image_size, self.sampler = images, recipes, image_size, sampler
-        self.first_epoch, self.start_batch = first_epoch, start_batch
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, indices), this process's cache
-
-    def indices(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.sampler.indices(epoch))
-        return self._order[1]
-
-    def readable(self, index: int) -> tuple[int, bytes, tuple[int, int], int]:
-        """(source index, bytes, (w, h), files skipped): `index` or the next readable one."""
-        n = len(self.images)
-        for skipped in range(n):
-            source = (index + skipped) % n
-            try:
-                data = self.images.read(source)
-                return source, data, inspect_image(data), skipped
-            except DECODE_ERRORS:
-                continue
-        raise DataError(f"none of the {n} images in {self.images.root} can be read; run `iecl validate DATA_DIR`")
-
-    def __call__(self, info):
-        epoch = self.first_epoch + info.epoch_idx
-        batch_size = self.sampler.batch_size
-        position = info.idx_in_epoch + (self.start_batch * batch_size if info.epoch_idx == 0 else 0)
-        if position >= self.sampler.batches * batch_size:
-            raise StopIteration
-        index = int(self.indices(epoch)[position])
-        source, data, (width, height), skipped = self.readable(index)
-        # A replacement keeps this slot's augmentation draws (so it is not a
-        # duplicate of the replacement's own views) and brings its own label.
-        draws = draw_two_views(self.recipes, self.sampler.seed, epoch, [index], [width], [height], self.image_size)
-        vectors = [view_vector(d.params(0)) for d in draws]
-        return (
-            np.frombuffer(data, np.uint8),
-            np.array(self.images.samples[source][1], np.int64),
-            np.array(skipped, np.int32),
-            *vectors,
-        )
 
 
 def _cores() -> int:
@@ -197,27 +110,46 @@ def _cores() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _build_graph(source: SampleSource, *, image_size: int, gpu: bool, parallel: bool, decode: str,
+def _decoder_options(options: DaliOptions, gpu: bool) -> dict:
+    """The decoders' settings: EXIF orientation applied (as PIL's exif_transpose),
+    libjpeg's fancy upsampling (as PIL), and nvJPEG's (the `mixed` decoder only)."""
+    common = {"jpeg_fancy_upsampling": True, "adjust_orientation": True}
+    if not gpu:
+        return common
+    return {
+        **common,
+        "hw_decoder_load": options.hw_decoder_load,
+        "device_memory_padding": options.device_memory_padding,
+        "host_memory_padding": options.host_memory_padding,
+        "preallocate_width_hint": options.preallocate_width_hint,
+        "preallocate_height_hint": options.preallocate_height_hint,
+    }
+
+
+def _build_graph(source: BatchSource, *, image_size: int, gpu: bool, parallel: bool, decode: str,
                  options: DaliOptions):
     """The DALI graph of `pipeline/augment.py`'s `apply_view`, twice; returns its outputs."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
-    encoded, label, skipped, *vectors = fn.external_source(
+    data, label, skipped, *vectors = fn.external_source(
         source=source,
         num_outputs=5,
-        batch=False,
+        batch=True,
+        batch_info=True,
         parallel=parallel,
-        **({"prefetch_queue_depth": 2} if parallel else {}),
+        **({"prefetch_queue_depth": options.prefetch} if parallel else {}),
         dtype=[types.UINT8, types.INT64, types.INT32, types.FLOAT, types.FLOAT],
         ndim=[1, 0, 0, 1, 1],
     )
+    encoded = fn.io.file.read(data) if source.by_path else data
+    decoder = {**_decoder_options(options, gpu), "output_type": types.RGB}  # (types: imported here)
     decoder_device = "mixed" if gpu else "cpu"
     on_device = (lambda node: node.gpu()) if gpu else (lambda node: node)
     arithmetic_contrast = gpu if options.arithmetic_contrast is None else options.arithmetic_contrast
     resize = {"size": (image_size, image_size), "interp_type": types.INTERP_LINEAR, "antialias": True}
     if decode == "shared":
-        decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
+        decoded = fn.decoders.image(encoded, device=decoder_device, **decoder)
 
     views = []
     for vec in vectors:
@@ -229,10 +161,9 @@ def _build_graph(source: SampleSource, *, image_size: int, gpu: bool, parallel: 
                 vec[0:2],
                 vec[2:4],
                 device=decoder_device,
-                output_type=types.RGB,
                 normalized_anchor=False,
                 normalized_shape=False,
-                jpeg_fancy_upsampling=True,
+                **decoder,
             )
             view = fn.resize(window, roi_start=vec[P_REL_START], roi_end=vec[P_REL_END], roi_relative=True, **resize)
 
@@ -300,17 +231,23 @@ class DaliLoader:
     """
 
     def __init__(self, images: ImageList, plan: BatchPlan, *, decode: str = "shared",
-                 options: DaliOptions | None = None) -> None:
+                 options: DaliOptions | None = None, progress: bool = True) -> None:
         self._pipe = None  # first, so close() works whatever fails below
         _require_dali()
         if decode not in DECODE_MODES:
             raise ValueError(f"unknown DALI decode mode {decode!r}; choose one of {DECODE_MODES}")
-        self.images, self.recipes, self.image_size = images, plan.recipes, plan.image_size
-        self.batch_size, self.workers, self.decode = plan.batch_size, plan.workers, decode
+        self.images, self.plan, self.decode = images, plan, decode
+        self.batch_size, self.workers = plan.batch_size, plan.workers
         self.options = options or DaliOptions()
         self.device = torch.device(plan.device)
         self.sampler = plan.sampler(len(images))
         self._bad = BadFileLog(images)
+        self.index = image_index(images, workers=max(1, plan.workers or _cores()), progress=progress,
+                                 cache_dir=self.options.index_cache)
+        if len(self.index.reasons) == len(images):
+            first = min(self.index.reasons)
+            raise DataError(f"none of the {len(images)} images of {images.root} can be read, e.g. "
+                            f"{images.relative_name(first)} ({self.index.reasons[first]}); run `iecl validate DATA_DIR`")
         self._cursor: tuple[int, int] | None = None  # (epoch, batch) the pipeline delivers next
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -335,26 +272,28 @@ class DaliLoader:
         device_id = None
         if gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        parallel = self.workers > 0
+        source = BatchSource(self.images, self.index, self.plan, self.sampler, epoch, start_batch)
+        # Files are read by DALI's threads; only tar members' bytes need Python workers.
+        parallel = self.workers > 0 and not source.by_path
         # Forking after CUDA is initialised is unsafe; spawned workers re-import this module instead.
         start_method = "spawn" if gpu and torch.cuda.is_initialized() else "fork"
         pipe = Pipeline(
             batch_size=self.batch_size,
-            num_threads=_cores(),
+            num_threads=self.options.threads or _cores(),
             device_id=device_id,
             seed=self.sampler.seed,
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=self.options.prefetch,
             py_num_workers=max(1, self.workers),
             py_start_method=start_method,
         )
-        source = SampleSource(self.images, self.recipes, self.image_size, self.sampler, epoch, start_batch)
         with pipe:
             pipe.set_outputs(
-                *_build_graph(source, image_size=self.image_size, gpu=gpu, parallel=parallel, decode=self.decode,
-                              options=self.options)
+                *_build_graph(source, image_size=self.plan.image_size, gpu=gpu, parallel=parallel,
+                              decode=self.decode, options=self.options)
             )
         self._pipe = pipe
-        pipe.build()
+        with parent_death_signal():  # DALI's Python workers (tar shards) die with this process
+            pipe.build()
         self._cursor = (epoch, start_batch)
 
     def _indices(self, epoch: int) -> np.ndarray:
@@ -367,7 +306,7 @@ class DaliLoader:
             return self._pipe.run()
         except StopIteration:
             raise
-        except DataError:  # from the source callback (every image unreadable), also out of DALI's workers
+        except DataError:  # from the source callback, also out of DALI's workers
             self.close()
             raise
         except Exception as err:
@@ -404,13 +343,8 @@ class DaliLoader:
             index = int(self._indices(epoch)[start + slot])
             for k in range(int(skipped[slot])):
                 i = (index + k) % n
-                try:
-                    inspect_image(self.images.read(i))
-                    reason = "cannot be decoded"
-                except DECODE_ERRORS as err:
-                    reason = describe(err)
                 name = self.images.relative_name(i)
-                if self._bad.add(name, reason):
+                if self._bad.add(name, self.index.reasons[i]):
                     warnings.warn(f"cannot read {name}; replaced by the next readable image", stacklevel=3)
 
     def __iter__(self) -> Iterator[ViewBatch]:

@@ -48,6 +48,7 @@ from iecl.pipeline.device_augment import augment_batch, stack_params
 from iecl.pipeline.draws import ViewDraws, draw_two_views
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
+from iecl.pipeline.lifetime import parent_death_signal
 from iecl.pipeline.spec import BatchPlan
 from iecl.pipeline.views import ViewBatch
 
@@ -127,8 +128,9 @@ def _writer_class():
                     *extra_worker_args)
             processes = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
             try:
-                for p in processes:
-                    p.start()
+                with parent_death_signal():  # a killed convert leaves no writer behind
+                    for p in processes:
+                        p.start()
                 with tqdm(total=num_samples, desc="writing", unit="img", disable=not self.progress) as bar:
                     written = 0  # (a disabled bar does not count)
                     while written < num_samples:

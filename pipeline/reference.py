@@ -8,6 +8,8 @@ copy); normalisation happens on the device.
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 from collections.abc import Iterator
 
@@ -21,6 +23,7 @@ from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
 from iecl.pipeline.draws import draw_two_views
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
+from iecl.pipeline.lifetime import die_with_parent
 from iecl.pipeline.spec import BatchPlan
 from iecl.pipeline.views import ViewBatch
 
@@ -74,11 +77,14 @@ def collate_views(items: list):
     )
 
 
-def _ignore_sigint(worker_id: int) -> None:
+def _init_worker(parent: int, worker_id: int) -> None:
     """A terminal's Ctrl-C reaches the whole process group; the training process
     stops at a step boundary and shuts the workers down itself, so they must not
-    die first (its next fetch would fail with "worker exited unexpectedly")."""
+    die first (its next fetch would fail with "worker exited unexpectedly").
+    A SIGKILLed trainer shuts nothing down: the kernel then kills the worker at
+    once (PyTorch's own parent check would take seconds)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent)
 
 
 def worker_loader(dataset, batch_sampler, workers: int, collate, device: torch.device) -> DataLoader:
@@ -95,7 +101,7 @@ def worker_loader(dataset, batch_sampler, workers: int, collate, device: torch.d
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_sigint if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, os.getpid()) if workers > 0 else None,
     )
 
 

@@ -14,10 +14,15 @@ from iecl.pipeline.augment import ViewRecipe
 from iecl.pipeline.sampler import EpochBatchSampler
 from iecl.pipeline.views import ViewBatch
 
+#: The image index's cache (pipeline/index.py), next to the synthetic data's default place.
+DEFAULT_INDEX_CACHE = "~/.cache/iecl/index"
+
 
 @dataclass(frozen=True)
 class DaliOptions:
-    """How the DALI graph computes two colour adjustments (config section `dali`)."""
+    """How the DALI graph computes two colour adjustments, nvJPEG's settings,
+    DALI's threads and prefetch depth, and where the image index is kept
+    (config section `dali`)."""
 
     #: the jitter's contrast as arithmetic on the device (True), or
     #: `fn.brightness_contrast` with the centre as a CPU argument (False); None:
@@ -28,6 +33,21 @@ class DaliOptions:
     #: away from PIL at MoCo-v2's strength, but half the CPU pipeline's time
     #: (measured on 2 cores, 224 px: 163 vs 87 img/s); on a GPU about a millisecond a batch
     exact_hue: bool = True
+    # nvJPEG (the GPU's `mixed` decoder; ignored on a CPU). Defaults: DALI's own
+    # hw_decoder_load, and the padding and preallocation of NVIDIA's DeepLearningExamples
+    # RN50 pipeline (sized for full ImageNet's largest image, so nvJPEG never reallocates).
+    # Not measured on the CPU machine this version was made on.
+    #: share of each batch sent to the A100/H100 hardware JPEG decoder (the rest: CUDA + host Huffman)
+    hw_decoder_load: float = 0.65
+    device_memory_padding: int = 211_025_920  #: bytes of nvJPEG device buffers preallocated per thread
+    host_memory_padding: int = 140_544_512  #: bytes of pinned host buffers per thread (two: double-buffered)
+    preallocate_width_hint: int = 5980  #: the hardware decoder's buffers, sized for images this wide
+    preallocate_height_hint: int = 6430
+    #: DALI's CPU threads; None: this rank's share of the cores (LOCAL_WORLD_SIZE ranks per machine)
+    threads: int | None = None
+    prefetch: int = 2  #: batches DALI prepares ahead (and the Python workers' queue, for tar shards)
+    #: where the image index (sizes and readability, one full decode per file) is cached; None: not kept
+    index_cache: str | None = DEFAULT_INDEX_CACHE
 
 
 @dataclass(frozen=True)

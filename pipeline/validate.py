@@ -9,11 +9,12 @@ training ignores them, but a user who expected them to be used wants to know.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from iecl.pipeline.decode import decode_error
+import numpy as np
+
 from iecl.pipeline.folder import IMAGE_EXTENSIONS, ImageList
+from iecl.pipeline.index import inspect_images
 from iecl.pipeline.synthetic import MANIFEST
 
 
@@ -38,54 +39,21 @@ class ValidationReport:
         }
 
 
-_IMAGES: ImageList | None = None  # the pool workers' copy, set once by the initializer
-
-
-def _init_worker(images: ImageList) -> None:
-    global _IMAGES
-    _IMAGES = images
-
-
-def _check_chunk(bounds: tuple[int, int]) -> list[tuple[int, str]]:
-    bad = []
-    for i in range(*bounds):
-        try:
-            reason = decode_error(_IMAGES.read(i))
-        except OSError as err:
-            reason = f"cannot read: {err}"
-        if reason is not None:
-            bad.append((i, reason))
-    return bad
-
-
 def validate_images(
     images: ImageList, workers: int | None = None, progress: bool = True, chunk: int = 64
 ) -> ValidationReport:
-    """Decode every image of `images` (`open_images` of a data.root spec)."""
-    from tqdm import tqdm
-
+    """Decode every image of `images` (`open_images` of a data.root spec): the
+    readability decision of `decode.inspect_image`, which every loader shares."""
     report = ValidationReport(images.root, checked=len(images) + len(images.bad_entries))
     if os.path.isdir(images.root) and images.spans is None:
         report.non_images = non_image_files(images.root)
     workers = max(1, workers or os.cpu_count() or 1)
-    chunks = [(lo, min(lo + chunk, len(images))) for lo in range(0, len(images), chunk)]
-    bad: list[tuple[int, str]] = []
-    with tqdm(total=len(images), desc="validating", unit="img", disable=not progress) as bar:
-        if workers == 1:
-            _init_worker(images)
-            results = map(_check_chunk, chunks)
-            for (lo, hi), found in zip(chunks, results):
-                bad.extend(found)
-                bar.update(hi - lo)
-        else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(images,)) as pool:
-                for (lo, hi), found in zip(chunks, pool.map(_check_chunk, chunks)):
-                    bad.extend(found)
-                    bar.update(hi - lo)
-                    bar.set_postfix(bad=len(bad), refresh=False)
+    found = inspect_images(images, np.arange(len(images)), workers=workers, progress=progress, chunk=chunk,
+                           desc="validating")
+    bad = sorted((row, reason) for row, _, _, reason in found if reason is not None)
     # Entries the folder walk could not even look at (symlink loops, unreadable folders) come first.
     entries = [(os.path.join(images.base, name), reason) for name, reason in images.bad_entries]
-    report.unreadable = entries + [(images.name(i), reason) for i, reason in sorted(bad)]
+    report.unreadable = entries + [(images.name(i), reason) for i, reason in bad]
     return report
 
 

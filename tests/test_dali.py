@@ -232,3 +232,120 @@ def test_missing_dali_is_a_data_error(images, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # what `import` sees when DALI is not installed
     with pytest.raises(DataError, match="pip install nvidia-dali"):
         _dali(images)
+
+
+@pytest.fixture(autouse=True)
+def _index_cache_in_tmp(tmp_path, monkeypatch):
+    """The image index is cached under ~/.cache/iecl/index by default: not the user's, in tests."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def _corrupt_body(jpeg: bytes) -> bytes:
+    """The header and end marker intact, 3 kB of the entropy-coded scan replaced by noise:
+    PIL rejects it ("broken data stream"); DALI's decoders decode it without an error."""
+    scan = jpeg.find(b"\xff\xda") + 600
+    noise = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    return jpeg[:scan] + noise + jpeg[scan + 3000 :]
+
+
+def test_a_corrupt_body_is_skipped_and_named_as_pil_names_it(tmp_path, images):
+    root = tmp_path / "corrupt" / "a"
+    root.mkdir(parents=True)
+    for i in range(7):
+        (root / f"ok{i}.JPEG").write_bytes(Path(images.samples[i][0]).read_bytes())
+    (root / "ok2.JPEG").write_bytes(_corrupt_body((root / "ok2.JPEG").read_bytes()))
+    broken = scan_image_folder(root.parent)
+    dali = _dali(broken, batch=7)
+    with pytest.warns(UserWarning, match="cannot read"):
+        _epoch(dali, 0)
+    pil = ReferenceLoader(broken, BatchPlan(MOCOV2, 7, 32, 0, 0, CPU))
+    _epoch(pil, 0)
+    assert dali.bad_files == pil.bad_files == [f"a/ok2.JPEG ({dali.index.reasons[2]})"]
+    assert "broken data stream" in dali.bad_files[0]
+
+
+def _exif_jpeg(source: bytes, orientation: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(source)).convert("RGB")
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("decode", ["shared", "window"])
+def test_exif_rotated_images_are_cropped_as_pil_crops_them(tmp_path, images, decode):
+    root = tmp_path / "exif" / "a"
+    root.mkdir(parents=True)
+    for i in range(8):
+        (root / f"r{i}.JPEG").write_bytes(_exif_jpeg(Path(images.samples[i][0]).read_bytes(), (1, 6, 8, 3)[i % 4]))
+    rotated = scan_image_folder(root.parent)
+    dali = _epoch(_dali(rotated, recipes=(PLAIN, PLAIN), batch=8, size=48, decode=decode), 0)[0]
+    ref = _epoch(ReferenceLoader(rotated, BatchPlan((PLAIN, PLAIN), 8, 48, 0, 0, CPU)), 0)[0]
+    assert _mad(dali.anchor, ref.anchor) < 3.0 and _mad(dali.query, ref.query) < 3.0
+
+
+def test_the_index_is_built_once_and_follows_changes(tmp_path, images, monkeypatch):
+    from iecl.pipeline import index as index_module
+
+    decoded = []
+    real = index_module.inspect_image
+    monkeypatch.setattr(index_module, "inspect_image", lambda data: decoded.append(1) or real(data))
+    root = tmp_path / "indexed" / "a"
+    root.mkdir(parents=True)
+    for i in range(6):
+        (root / f"x{i}.JPEG").write_bytes(Path(images.samples[i][0]).read_bytes())
+    folder = scan_image_folder(root.parent)
+    options = DaliOptions(index_cache=str(tmp_path / "cache"))
+    first = _dali(folder, options=options).index
+    assert len(decoded) == 6 and first.reasons == {}
+    again = _dali(folder, options=options).index
+    assert len(decoded) == 6 and np.array_equal(again.sizes, first.sizes)  # nothing decoded again
+    (root / "x4.JPEG").write_bytes(b"truncated")
+    changed = _dali(folder, options=options).index
+    assert len(decoded) == 7 and list(changed.reasons) == [4]  # only the changed file
+    assert changed.replacements().tolist() == [0, 1, 2, 3, 5, 5]
+
+
+def test_view_vectors_are_the_per_sample_vectors():
+    from iecl.pipeline.dali_source import view_vector, view_vectors
+    from iecl.pipeline.draws import draw_views
+
+    n = 300
+    rng = np.random.default_rng(2)
+    for recipe in (*MOCOV2, *get_recipe("byol")):
+        draws = draw_views(recipe, 1, 2, 0, np.arange(n), rng.integers(1, 500, n), rng.integers(1, 500, n), 64)
+        assert np.array_equal(view_vectors(draws), np.stack([view_vector(p) for p in draws.as_params()]))
+
+
+def test_files_reach_dali_as_paths_and_shards_as_bytes(tmp_path, images):
+    """The batch source hands DALI paths (its threads read the files) and one
+    call gives a whole batch; tar members, which have no path, come as bytes."""
+    import tarfile
+
+    from iecl.pipeline import open_images
+
+    loader = _dali(images)
+    data, label, skipped, anchor, query = _source(loader).batch(0, 1)
+    assert [bytes(p).decode() for p in data] == [images.samples[i][0] for i in label.tolist()]
+    assert anchor.shape == query.shape == (4, 19) and skipped.tolist() == [0] * 4
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(12):
+            tar.add(images.samples[i][0], arcname=f"{i:04d}.jpg")
+    members = open_images(shard)
+    data = _source(_dali(members)).batch(0, 0)[0]
+    assert all(bytes(d[:2]) == b"\xff\xd8" for d in data)  # JPEG bytes
+    inline, parallel = _dali(members), _dali(members, workers=2)
+    assert _same(_epoch(inline, 1), _epoch(parallel, 1))
+    parallel.close()
+
+
+def _source(loader):
+    from iecl.pipeline.dali_source import BatchSource
+
+    return BatchSource(loader.images, loader.index, loader.plan, loader.sampler, 0, 0)

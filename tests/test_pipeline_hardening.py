@@ -135,3 +135,79 @@ def test_one_readability_decision():
     with pytest.raises(ValueError, match="every backend"):
         decode_rgb(buf.getvalue())
     assert decode_error(_exif_jpeg(6)) is None
+
+
+_HOLD_LOADER = """
+import os, sys, tarfile, time, torch
+from iecl.pipeline import BatchPlan, LoaderSpec, build_loader, open_images
+from iecl.pipeline.augment import get_recipe
+from iecl.pipeline.spec import DaliOptions
+backend, data = sys.argv[1], sys.argv[2]
+plan = BatchPlan(get_recipe("mocov2"), 4, 32, 0, 2, torch.device("cpu"))
+loader = build_loader(open_images(data), LoaderSpec(backend, plan, dali=DaliOptions(index_cache=None)))
+loader.set_epoch(0)
+next(iter(loader))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            for child in (task / "children").read_text().split():
+                found.add(int(child))
+                todo.append(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has died; only its exit status is left for init
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads children from Linux's /proc")
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_workers_die_with_a_killed_parent(backend, tmp_path, tiny_data):
+    """SIGKILL a process holding a loader with worker processes: none survives it
+    (DALI's Python workers serve tar shards, so the data is a shard here)."""
+    import signal
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+        data = tmp_path / "s.tar"
+        with tarfile.open(data, "w") as tar:
+            for i, path in enumerate(sorted((tiny_data / "class_0000").iterdir())[:12]):
+                tar.add(path, arcname=f"{i:04d}.jpg")
+    else:
+        data = tiny_data
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_LOADER)
+    proc = subprocess.Popen([sys.executable, str(script), backend, str(data)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    children: set[int] = set()
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = _descendants(proc.pid)
+        assert len(children) >= 2  # the two workers (and any helper process)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # (PyTorch's workers check on their parent every 5 s; the kernel's signal is immediate)
+        deadline = time.monotonic() + 3
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [c for c in children if _alive(c)]
+    finally:
+        proc.kill()
+        for child in children:  # survivors of a failure: not left running
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
