@@ -8,15 +8,17 @@ before any input gradient is known:
     dz    = gamma * rstd * (dy - dbeta / R - xhat * dgamma / R)
 
 The sums of each layer come from the epilogue of the GEMM that produces its dh
-(layer 4's from the pass that lays g out as a matrix); dz is then one pass,
+(layer 4's from one pass over g, read as an image); dz is then one pass,
 stored once (framed for the 3x3, whose transposed convolution reads it with
 mirrored taps), and read by two GEMMs: dgrad (dh of the layer below = dz @ W)
 and wgrad (dW = dz^T @ A, split over rows into fp32 partials, summed in a
 fixed order: no atomics). The forward kept every GEMM input A (P, h1 framed,
 h2, h3), so nothing is recomputed per tile.
 
-Order: G, sums4 | dz4 | dW4, dh3 + sums3 | dz3 | dW3, dh2 = dh3 + dz3 @ W3 + sums2 |
-dz2 (framed) | dW2, dh1 + sums1 | dz1 | dW1, dP = G + dz1 @ W1 | dX = g + dP, dpos.
+Order: sums4 | dz4 | dW4, dh3 + sums3 | dz3 | dW3, dh2 = dh3 + dz3 @ W3 + sums2 |
+dz2 (framed) | dW2, dh1 + sums1 | dz1 | dW1, dQ = dz1 @ W1 | dP = g + dQ,
+dX = g + dP, dpos = sum_b dP. The output's gradient g is never laid out as a
+matrix: the passes that need it read the image.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def saib_backward(g, acts, weights, gammas, betas, zs, stats, geo, *,
                             n_real=channels, **kwargs)
         return dh, grad_sums(partials[0], partials[1], channels)
 
-    gm, sums4 = grad_in(g, z4, stats[3][0], stats[3][1], geo)
-    dz4 = dz(gm, z4, bn[3], sums4, d, act=False, **common)
+    sums4 = grad_in(g, z4, stats[3][0], stats[3][1], geo)
+    dz4 = dz(g, z4, bn[3], sums4, d, act=False, **common)
     dw4 = wgrad(dz4, h3, rows, geo)
     dh3, sums3 = dgrad(dz4, 3, 2)
     dz3 = dz(dh3, z3, bn[2], sums3, 2 * d, act=True, **common)
@@ -67,8 +69,8 @@ def saib_backward(g, acts, weights, gammas, betas, zs, stats, geo, *,
     dh1, sums1 = dgrad(dz2, 1, 0, taps=9, framed=True, mirror=True)
     dz1 = dz(dh1, z1, bn[0], sums1, d, act=True, **common)
     dw1 = wgrad(dz1, p_mat, rows, geo)
-    dp = dgrad(dz1, 0, None, res=gm, out_dtype=torch.float32)  # P feeds conv1 and the inner skip
-    dx, dpos = grad_out(g, dp, geo, input_dtype, needs_input_grad)
+    dq = dgrad(dz1, 0, None, out_dtype=torch.float32)
+    dx, dpos = grad_out(g, dq, geo, input_dtype, needs_input_grad)
     sums = (sums1, sums2, sums3, sums4)
     dws = tuple(_weight_grad(dw, w) for dw, w in zip((dw1, dw2, dw3, dw4), weights))
     return dx, dpos, dws, tuple(s[1] for s in sums), tuple(s[0] for s in sums)

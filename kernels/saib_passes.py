@@ -207,10 +207,10 @@ def output_kernel(x_ptr, x_sb, x_sc, x_sy, x_sx, nmean_ptr, nstd_ptr, pos_ptr,
 
 
 @triton.jit
-def grad_in_kernel(g_ptr, g_sb, g_sc, g_sy, g_sx, z_ptr, mean_ptr, rstd_ptr, gm_ptr, psum_ptr, pdyx_ptr,
+def grad_in_kernel(g_ptr, g_sb, g_sc, g_sy, g_sx, z_ptr, mean_ptr, rstd_ptr, psum_ptr, pdyx_ptr,
                    R, B, CP, P, PP, Hp, Wp, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The output's gradient g as an fp32 (R, C') matrix, and per row tile
-    layer 4's BN-gradient sums (no activation there: dy = g)."""
+    """Per row tile, layer 4's BN-gradient sums straight from the output's
+    gradient g (no activation there: dy = g)."""
     pid_r = tl.program_id(0)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_b = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -218,10 +218,8 @@ def grad_in_kernel(g_ptr, g_sb, g_sc, g_sy, g_sx, z_ptr, mean_ptr, rstd_ptr, gm_
     bmask = offs_b < B
     c, y, x = _pixel(offs_r, P, PP, Hp, Wp)
     g = _image_tile(g_ptr, c, y, x, rmask, offs_b, B, g_sb, g_sc, g_sy, g_sx, g_ptr, g_ptr, False, 0)
-    offsets = offs_r.to(tl.int64)[:, None] * CP + offs_b[None, :]
-    tl.store(gm_ptr + offsets, g, mask=rmask[:, None] & (offs_b < CP)[None, :])
     mask = rmask[:, None] & bmask[None, :]
-    z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_r.to(tl.int64)[:, None] * CP + offs_b[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + offs_b, mask=bmask, other=0.0)
     rstd = tl.load(rstd_ptr + offs_b, mask=bmask, other=0.0)
     xhat = tl.where(mask, (z - mean[None, :]) * rstd[None, :], 0.0)
@@ -230,19 +228,24 @@ def grad_in_kernel(g_ptr, g_sb, g_sc, g_sy, g_sx, z_ptr, mean_ptr, rstd_ptr, gm_
 
 
 @triton.jit
-def dz_kernel(d_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sdy_ptr, sdyx_ptr, out_ptr,
-              ROWS_OUT, R, C, CP, P, ROWS_F, inv_R,
-              ACT: tl.constexpr, TRAINING: tl.constexpr, FRAMED: tl.constexpr,
+def dz_kernel(d_ptr, d_sb, d_sc, d_sy, d_sx, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sdy_ptr, sdyx_ptr,
+              out_ptr, ROWS_OUT, R, C, CP, P, ROWS_F, Hp, Wp, inv_R,
+              ACT: tl.constexpr, TRAINING: tl.constexpr, FRAMED: tl.constexpr, D_IMAGE: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dz = gamma rstd (dy - sum dy / R - xhat sum(dy xhat) / R), dy = d (* silu'(y)),
-    plain (R, C') or framed (3 RF, C'); in eval mode dz = gamma rstd dy."""
+    plain (R, C') or framed (3 RF, C'); in eval mode dz = gamma rstd dy. d is
+    an (R, C') matrix, or (D_IMAGE) the output's gradient as an image."""
     offs_f = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     src, valid = _source_row(offs_f, R, P, ROWS_F, FRAMED)
     cmask = offs_c < C
     mask = valid[:, None] & cmask[None, :]
     offsets = src.to(tl.int64)[:, None] * CP + offs_c[None, :]
-    d = tl.load(d_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if D_IMAGE:
+        c, y, x = _pixel(src, P, P * P, Hp, Wp)
+        d = _image_tile(d_ptr, c, y, x, valid, offs_c, C, d_sb, d_sc, d_sy, d_sx, d_ptr, d_ptr, False, 0)
+    else:
+        d = tl.load(d_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     xhat, y = _bn(z, offs_c, cmask, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr)
     if ACT:
@@ -260,24 +263,25 @@ def dz_kernel(d_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sdy_ptr, sd
 
 
 @triton.jit
-def grad_out_kernel(g_ptr, g_sb, g_sc, g_sy, g_sx, dp_ptr, dx_ptr, dx_sb, dx_sc, dx_sy, dx_sx, dpos_ptr,
+def grad_out_kernel(g_ptr, g_sb, g_sc, g_sy, g_sx, dq_ptr, dx_ptr, dx_sb, dx_sc, dx_sy, dx_sx, dpos_ptr,
                     R, B, CP, P, PP, Hp, Wp,
                     WRITE_DX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dX = g + dP (both outer skips; P feeds conv1 and the inner skip) and
-    pos_embed's gradient, the sum of dP over the batch (one program per row
-    block: no atomics)."""
+    """From dQ = dz1 @ W1: P's gradient dP = g + dQ (P feeds conv1 and the
+    inner skip), the input's dX = g + dP (the outer skip) and pos_embed's, the
+    sum of dP over the batch (one program per row block: no atomics)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = offs_r < R
     c, y, x = _pixel(offs_r, P, PP, Hp, Wp)
+    pixel = c.to(tl.int64) * dx_sc + y.to(tl.int64) * dx_sy + x.to(tl.int64) * dx_sx
     dpos = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_C):
         offs_b = b0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (offs_b < B)[None, :]
-        dp = tl.load(dp_ptr + offs_r.to(tl.int64)[:, None] * CP + offs_b[None, :], mask=mask, other=0.0)
+        g = _image_tile(g_ptr, c, y, x, rmask, offs_b, B, g_sb, g_sc, g_sy, g_sx, g_ptr, g_ptr, False, 0)
+        dq = tl.load(dq_ptr + offs_r.to(tl.int64)[:, None] * CP + offs_b[None, :], mask=mask, other=0.0)
+        dp = tl.where(mask, g + dq, 0.0)
         dpos += tl.sum(dp, axis=1)
         if WRITE_DX:
-            g = _image_tile(g_ptr, c, y, x, rmask, offs_b, B, g_sb, g_sc, g_sy, g_sx, g_ptr, g_ptr, False, 0)
-            pixel = c.to(tl.int64) * dx_sc + y.to(tl.int64) * dx_sy + x.to(tl.int64) * dx_sx
             tl.store(dx_ptr + pixel[:, None] + offs_b.to(tl.int64)[None, :] * dx_sb,
                      (g + dp).to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dpos_ptr + offs_r, dpos, mask=rmask)
@@ -472,42 +476,45 @@ def output(x, x_strides, norm, pos, z4, bn4, geo: Geometry, out_dtype) -> torch.
 
 
 def grad_in(g, z4, mean4, rstd4, geo: Geometry):
-    """(G (R, C') fp32, layer 4's (dbeta, dgamma))."""
+    """Layer 4's (dbeta, dgamma) from the output's gradient g (B, 3, H, W)."""
     cp = z4.shape[1]
     block_r, block_c = pass_blocks(cp)
     tiles = triton.cdiv(geo.rows, block_r)
-    gm = empty((geo.rows, cp), device=g.device, dtype=torch.float32)
     psum = empty((tiles, cp), device=g.device, dtype=torch.float32)
     pdyx = empty(psum.shape, device=psum.device, dtype=psum.dtype)
     grad_in_kernel[(tiles, triton.cdiv(cp, block_c))](
-        g, *image_strides(g, False), z4, mean4, rstd4, gm, psum, pdyx,
+        g, *image_strides(g, False), z4, mean4, rstd4, psum, pdyx,
         geo.rows, geo.batch, cp, geo.patch, geo.patch ** 2, geo.hp, geo.wp,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-    return gm, grad_sums(psum, pdyx, geo.batch)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=IMAGE_WARPS)
+    return grad_sums(psum, pdyx, geo.batch)
 
 
 def dz(d, z, bn, sums, channels: int, geo: Geometry, *, act: bool, training: bool, dtype,
        framed: bool = False) -> torch.Tensor:
-    """A layer's dz from the gradient d of its output, plain or framed."""
+    """A layer's dz from the gradient d of its output (an (R, C') matrix or,
+    for layer 4, the output's gradient image), plain or framed."""
     cp = z.shape[1]
     rows_out = 3 * geo.framed_rows if framed else geo.rows
     out = empty((rows_out, cp), device=z.device, dtype=dtype)
     block_r, block_c = pass_blocks(cp)
+    d_image = d.dim() == 4
     dz_kernel[(triton.cdiv(rows_out, block_r), triton.cdiv(cp, block_c))](
-        d, z, *bn, *sums, out, rows_out, geo.rows, channels, cp, geo.patch, geo.framed_rows, 1.0 / geo.rows,
-        ACT=act, TRAINING=training, FRAMED=framed, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=MATRIX_WARPS)
+        d, *(image_strides(d, False) if d_image else (0,) * 4), z, *bn, *sums, out,
+        rows_out, geo.rows, channels, cp, geo.patch, geo.framed_rows, geo.hp, geo.wp, 1.0 / geo.rows,
+        ACT=act, TRAINING=training, FRAMED=framed, D_IMAGE=d_image, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=MATRIX_WARPS)
     return out
 
 
-def grad_out(g, dp, geo: Geometry, dx_dtype, write_dx: bool):
-    """(dX or None, dpos (R,) fp32) from dP (R, C')."""
+def grad_out(g, dq, geo: Geometry, dx_dtype, write_dx: bool):
+    """(dX or None, dpos (R,) fp32) from g and dQ = dz1 @ W1 (R, C')."""
     b = geo.batch
     dx = empty((b, 3, geo.height, geo.width), device=g.device, dtype=dx_dtype,
                memory_format=torch.channels_last) if write_dx else None
     dpos = empty((geo.rows,), device=g.device, dtype=torch.float32)
     block_r, block_c = pass_blocks(b)
     grad_out_kernel[(triton.cdiv(geo.rows, block_r),)](
-        g, *image_strides(g, False), dp, dx if write_dx else dp, *(image_strides(dx, False) if write_dx else (0,) * 4),
-        dpos, geo.rows, b, dp.shape[1], geo.patch, geo.patch ** 2, geo.hp, geo.wp,
+        g, *image_strides(g, False), dq, dx if write_dx else dq, *(image_strides(dx, False) if write_dx else (0,) * 4),
+        dpos, geo.rows, b, dq.shape[1], geo.patch, geo.patch ** 2, geo.hp, geo.wp,
         WRITE_DX=write_dx, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=IMAGE_WARPS)
     return dx, dpos
