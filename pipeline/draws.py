@@ -86,16 +86,20 @@ def to_unit(words: np.ndarray) -> np.ndarray:
     return (words >> _11).astype(np.float64) * 2.0**-53
 
 
-def uniforms(seed: int, epoch: int, indices: np.ndarray, view: int) -> np.ndarray:
-    """float64 (B, SLOTS): the uniforms of `view` of each sample in `indices`."""
+def uniforms(seed: int, epoch: int, indices: np.ndarray, view: int | tuple[int, ...]) -> np.ndarray:
+    """float64 (B, SLOTS): the uniforms of `view` of each sample in `indices`;
+    (V, B, SLOTS) for a tuple of views (one Philox call: NumPy's per-call cost
+    dominates at batch sizes, so both views together take little more than one)."""
+    views = np.atleast_1d(np.asarray(view, np.uint64))
     indices = np.asarray(indices, np.int64).reshape(-1)
-    counter = np.empty((len(indices), BLOCKS, 4), np.uint64)
-    counter[:, :, 0] = np.arange(1, BLOCKS + 1, dtype=np.uint64)  # block 0 is Philox's counter start
-    counter[:, :, 1] = indices.astype(np.uint64)[:, None]
-    counter[:, :, 2] = np.uint64(epoch % 2**64)
-    counter[:, :, 3] = np.uint64(view)
+    counter = np.empty((len(views), len(indices), BLOCKS, 4), np.uint64)
+    counter[..., 0] = np.arange(1, BLOCKS + 1, dtype=np.uint64)  # block 0 is Philox's counter start
+    counter[..., 1] = indices.astype(np.uint64)[None, :, None]
+    counter[..., 2] = np.uint64(epoch % 2**64)
+    counter[..., 3] = views[:, None, None]
     words = philox4x64(counter.reshape(-1, 4), (seed, DOMAIN))
-    return to_unit(words).reshape(len(indices), SLOTS)
+    out = to_unit(words).reshape(len(views), len(indices), SLOTS)
+    return out if isinstance(view, tuple) else out[0]
 
 
 def uniforms_reference(seed: int, epoch: int, index: int, view: int) -> np.ndarray:
@@ -169,7 +173,11 @@ def draw_views(
 ) -> ViewDraws:
     """`view` (0 anchor, 1 query) of every sample in `indices`, for sources of
     `widths` x `heights` pixels and `size`^2 output views: vectorised."""
-    u = uniforms(seed, epoch, indices, view)  # (B, SLOTS)
+    return _draw(uniforms(seed, epoch, indices, view), recipe, widths, heights, size)
+
+
+def _draw(u: np.ndarray, recipe: ViewRecipe, widths: np.ndarray, heights: np.ndarray, size: int) -> ViewDraws:
+    """The views of uniforms `u` (B, SLOTS)."""
     width = np.asarray(widths, np.int64).reshape(-1)
     height = np.asarray(heights, np.int64).reshape(-1)
     batch = len(u)
@@ -264,6 +272,8 @@ def draw_two_views(recipes: tuple[ViewRecipe, ViewRecipe], seed: int, epoch: int
                    widths: np.ndarray, heights: np.ndarray, size: int, *, reference: bool = False
                    ) -> tuple[ViewDraws, ViewDraws]:
     """(anchor, query) draws of a batch: what every loader backend calls."""
-    draw = draw_views_reference if reference else draw_views
-    return tuple(draw(recipe, seed, epoch, view, indices, widths, heights, size)
-                 for view, recipe in enumerate(recipes))
+    if reference:
+        return tuple(draw_views_reference(recipe, seed, epoch, view, indices, widths, heights, size)
+                     for view, recipe in enumerate(recipes))
+    both = uniforms(seed, epoch, indices, (0, 1))  # (2, B, SLOTS)
+    return tuple(_draw(u, recipe, widths, heights, size) for u, recipe in zip(both, recipes))

@@ -331,7 +331,8 @@ def test_files_reach_dali_as_paths_and_shards_as_bytes(tmp_path, images):
 
     loader = _dali(images)
     data, label, skipped, anchor, query = _source(loader).batch(0, 1)
-    assert [bytes(p).decode() for p in data] == [images.samples[i][0] for i in label.tolist()]
+    assert data.dtype == np.uint8 and data.shape[0] == 4  # one dense array: no per-sample feeding in DALI
+    assert [bytes(p).rstrip(b"\0").decode() for p in data] == [images.samples[i][0] for i in label.tolist()]
     assert anchor.shape == query.shape == (4, 19) and skipped.tolist() == [0] * 4
     shard = tmp_path / "s.tar"
     with tarfile.open(shard, "w") as tar:

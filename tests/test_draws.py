@@ -53,6 +53,10 @@ def test_fast_path_equals_reference(recipe):
         fast = draw_views(recipe, 7, 3, view, indices, widths, heights, SIZE)
         assert _equal(fast, draw_views_reference(recipe, 7, 3, view, indices, widths, heights, SIZE))
     assert (fast.box[:40, 2] == 1).all()  # the fallback was exercised
+    pair = (recipe, EVERY_STEP)  # both views at once (one Philox call) as the reference draws them
+    for fast, ref in zip(draw_two_views(pair, 7, 3, indices, widths, heights, SIZE),
+                         draw_two_views(pair, 7, 3, indices, widths, heights, SIZE, reference=True)):
+        assert _equal(fast, ref)
 
 
 def test_draws_are_keyed_by_seed_epoch_index_and_view():
