@@ -283,6 +283,7 @@ class DaliLoader:
             device_id=device_id,
             seed=self.sampler.seed,
             prefetch_queue_depth=self.options.prefetch,
+            exec_dynamic=self.options.exec_dynamic,
             py_num_workers=max(1, self.workers),
             py_start_method=start_method,
         )

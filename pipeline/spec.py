@@ -46,6 +46,8 @@ class DaliOptions:
     #: DALI's CPU threads; None: this rank's share of the cores (LOCAL_WORLD_SIZE ranks per machine)
     threads: int | None = None
     prefetch: int = 2  #: batches DALI prepares ahead (and the Python workers' queue, for tar shards)
+    #: DALI's dynamic executor (may overlap the CPU and GPU stages better; unmeasured, so off)
+    exec_dynamic: bool = False
     #: where the image index (sizes and readability, one full decode per file) is cached; None: not kept
     index_cache: str | None = DEFAULT_INDEX_CACHE
 

@@ -113,6 +113,13 @@ def test_each_augmentation_matches_reference(images, step):
     assert _mad(dali.anchor, dali.query) > 2.0 or step == "flip"  # the step did something
 
 
+def test_executor_and_threads_options(images):
+    """The executor and thread options reach DALI and change no pixel."""
+    plain = _epoch(_dali(images), 0)
+    tuned = _epoch(_dali(images, options=DaliOptions(exec_dynamic=True, threads=1, prefetch=1)), 0)
+    assert _same(plain, tuned)
+
+
 def test_arithmetic_contrast_is_the_same(images):
     """The GPU graph's contrast (arithmetic on the device), run on the CPU."""
     recipe = replace(PLAIN, **ONE_STEP["brightness_contrast"])
@@ -187,7 +194,7 @@ def test_bad_files_are_replaced_and_named(tmp_path, images):
     (root / "ok3.JPEG").write_bytes(data[: len(data) // 3])  # truncated: no end-of-image marker
     (root / "zz.JPEG").write_bytes(b"not a jpeg at all")
     broken = scan_image_folder(root.parent)
-    loader = _dali(broken, batch=8, workers=2)  # the skip counts travel back from the worker processes
+    loader = _dali(broken, batch=8, workers=2)  # (files: DALI's threads read them, workers or not)
     with pytest.warns(UserWarning, match="cannot read"):
         (batch,) = _epoch(loader, 0)
     assert batch.anchor.shape == (8, 32, 32, 3) and batch.anchor.float().std() > 10

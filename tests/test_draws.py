@@ -153,3 +153,26 @@ def test_scale_option_reaches_the_draws():
     narrow = replace(EVERY_STEP, crop_scale=(0.9, 1.0))
     d = draw_views(narrow, 0, 0, 0, np.arange(2000), np.full(2000, 400), np.full(2000, 400), SIZE)
     assert (d.box[:, 2] * d.box[:, 3] / 400**2).min() > 0.85
+
+
+def test_bench_draws_command(tmp_path, capsys, monkeypatch, tiny_data):
+    import json
+
+    from iecl.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the image index's cache: not the user's
+
+    out = tmp_path / "draws.json"
+    args = ["bench", "draws", "--batch-size", "8", "--batches", "2", "--json", str(out)]
+    assert main([*args, *(["--data", str(tiny_data)] if _has_dali() else [])]) == 0
+    record = json.loads(out.read_text())
+    assert record["draws_us_per_sample"] > 0 and record["draws_reference_us_per_sample"] > 0
+    assert "us/sample" in capsys.readouterr().out
+    if _has_dali():
+        assert record["dali_source_us_per_sample"] > 0 and record["dali_feed_us_per_sample"] > 0
+
+
+def _has_dali() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.dali") is not None

@@ -108,10 +108,12 @@ def test_unreadable_images_are_skipped_and_reported(data, tmp_path):
     truncated.write_bytes(first.read_bytes()[:3000])
     text = first.with_name("notes.jpg")
     text.write_text("not an image\n")
+    loop = first.with_name("loop.jpg")
+    loop.symlink_to(loop.name)  # a symlink loop: a bad entry of the folder, reported, no traceback
     images = scan_image_folder(root)
     out = tmp_path / "broken.beton"
     info = convert(images, out, workers=2, progress=False)
-    assert sorted(name for name, _ in info["skipped"]) == sorted([str(text), str(truncated)])
+    assert sorted(name for name, _ in info["skipped"]) == sorted([str(text), str(truncated), str(loop)])
     assert all(reason for _, reason in info["skipped"])
     assert info["written"] == len(images) - 2 == beton_info(out)["samples"]
     kept = [label for path, label in images.samples if path not in (str(text), str(truncated))]
