@@ -3,9 +3,13 @@
 Every loader backend sits behind one interface (`spec.Loader`): iterate ->
 `ViewBatch` (two uint8 NHWC views and labels, on the training device),
 `len()` (full batches per epoch, the same every epoch),
-`set_epoch(epoch, start_batch=0)`, `bad_files` (names of unreadable images it
-met and replaced by the next readable one) and `close()`. `build_loader`
-builds the backend a `LoaderSpec` names; `open_images` lists a data.root.
+`set_epoch(epoch, start_batch=0)`, `bad_files` (each unreadable image it met
+and replaced by the next readable one, once, as "name relative to the data
+root (reason)", the same string in every backend; first the folder entries
+that could not be listed) and `close()`. `build_loader` builds the backend a
+`LoaderSpec` names; `open_images` lists a data.root. Every backend draws the
+same view parameters for a sample (`draws`), decides readability the same way
+(`decode.inspect_image`) and starts workers that die with it (`lifetime`).
 """
 
 from __future__ import annotations

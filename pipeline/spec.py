@@ -83,7 +83,7 @@ class Loader(Protocol):
     """Every backend: full batches of two uint8 NHWC views on the training
     device, the same number every epoch; resumable at any batch."""
 
-    bad_files: list[str]  # unreadable images met and replaced by the next readable one
+    bad_files: list[str]  # "relative name (reason)" of each unreadable image met and replaced, once
 
     def __iter__(self) -> Iterator[ViewBatch]: ...
 

@@ -318,6 +318,20 @@ def test_the_index_is_built_once_and_follows_changes(tmp_path, images, monkeypat
     assert changed.replacements().tolist() == [0, 1, 2, 3, 5, 5]
 
 
+def test_no_header_is_parsed_while_loading(images, monkeypatch):
+    """After the index, the hot path reads no image in Python: not a header, not a byte."""
+    loader = _dali(images)
+    from iecl.pipeline import decode, folder, index
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an image was opened in Python while loading")
+
+    for module, name in ((decode, "inspect_image"), (index, "inspect_image"), (folder.ImageList, "read")):
+        monkeypatch.setattr(module, name, forbidden)
+    assert len(_epoch(loader, 0)) == 6
+    loader.close()
+
+
 def test_view_vectors_are_the_per_sample_vectors():
     from iecl.pipeline.dali_source import view_vector, view_vectors
     from iecl.pipeline.draws import draw_views
