@@ -122,22 +122,27 @@ Where one training step's time goes, stage by stage: data wait, view
 preparation, SAIB forward, online and target encoder forwards, heads and loss,
 the non-finite check, backward (SAIB's share separately), optimizer, momentum
 update. Each stage is measured in place (device events between the stages of
---steps real steps, after --warmup) and alone (median of --isolate-iters);
-then images/s, the step's TFLOP/s and this machine's measured bf16 matmul rate.
-The step is built from the same config and overrides as `iecl pretrain`.
+--repeats windows of --steps real steps, after --warmup) and alone (median of
+--isolate-iters); then images/s, the step's TFLOP/s and this machine's
+measured bf16 matmul rate. Every time is a median with its IQR and min-max;
+results that cannot be true (stages that do not add up to the step, a loader
+faster than data on the device, in-place and isolated times 2x apart) are
+flagged. The step is built from the same config and overrides as `iecl pretrain`.
 
   iecl profile --config imagenet_r50 data.root=/data/imagenet/train data.backend=dali
   iecl profile --config imagenet_r50 --data-on-device train.compile=true --trace step.json.gz
-  iecl profile train.max_steps=10 --steps 5 --warmup 2     # the smoke config, on a CPU
+  iecl profile train.max_steps=10 --steps 5 --repeats 2 --warmup 2     # the smoke config, on a CPU
 """
 
 
 def _add_config_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, as for iecl pretrain")
     p.add_argument("--config", metavar="NAME|PATH", help="a shipped config or a YAML file (default: smoke)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per window (default 10)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timing windows: each figure is their median, with IQR and min-max (default 3)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first: cuDNN tuning, compilation (default 5)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while making the synthetic data")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def register_profile(commands) -> None:
@@ -182,12 +187,15 @@ precision (each method keeps its own recipe otherwise): the step time with
 the data already on the device (the model-only ceiling) and with the real
 loader, projected to one epoch of 1,281,167 images (floor(images / batch)
 steps), their ratio (the loader's efficiency) and SAIB's added time per
-method. Writes compare.md, compare.json and compare.png (the paper's Figures
-7 and 8) into --out.
+method. Each step time is the median of --repeats windows of --steps steps,
+with the windows' IQR and min-max; a difference inside the spread is printed
+as "within noise", and what cannot be true beyond it (a loader faster than
+data on the device, SAIB making a step faster) is flagged. Writes compare.md,
+compare.json and compare.png (the paper's Figures 7 and 8) into --out.
 
   iecl compare --config imagenet_r50 data.root=/data/imagenet/train data.backend=dali --out results/r50
   iecl compare --config imagenet_r18 --methods iecl simclr --saib both --no-loader
-  iecl compare train.batch_size=8 data.image_size=32 --steps 2 --warmup 1   # a CPU toy run
+  iecl compare train.batch_size=8 data.image_size=32 --steps 2 --repeats 3 --warmup 1   # a CPU toy run
 """
 
 

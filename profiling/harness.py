@@ -197,9 +197,11 @@ def batches(h: Harness, views: list | None = None) -> Iterator[tuple[torch.Tenso
         epoch += 1
 
 
-def run_steps(h: Harness, source: Iterator, steps: int, first_step: int = 0, laps: bool = False) -> tuple[float, list[dict]]:
+def run_steps(h: Harness, source: Iterator, steps: int, first_step: int = 0, laps: bool = False,
+              on_step=None) -> tuple[float, list[dict]]:
     """Run `steps` training steps from `source`; (wall-clock seconds,
-    synchronised at both ends; per-step stage seconds when `laps`)."""
+    synchronised at both ends; per-step stage seconds when `laps`).
+    `on_step()` after each step (a progress bar; it must not synchronise)."""
     synchronize(h.device)
     start = time.perf_counter()
     if laps:
@@ -209,9 +211,31 @@ def run_steps(h: Harness, source: Iterator, steps: int, first_step: int = 0, lap
         h.laps.lap("data")
         h.step(anchor, query, first_step + i)
         h.laps.end_step()
+        if on_step is not None:
+            on_step()
     synchronize(h.device)
     wall = time.perf_counter() - start
     return wall, (h.laps.finish() if laps else [])
+
+
+def run_windows(h: Harness, source: Iterator, steps: int, repeats: int, first_step: int = 0, laps: bool = False,
+                on_step=None) -> tuple[list[float], list[list[dict]]]:
+    """`repeats` consecutive windows of `steps` steps: (seconds per step of
+    each window, each window's per-step stage seconds when `laps`)."""
+    per_step, stages = [], []
+    for r in range(repeats):
+        wall, marked = run_steps(h, source, steps, first_step + r * steps, laps=laps, on_step=on_step)
+        per_step.append(wall / steps)
+        stages.append(marked)
+    return per_step, stages
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """The progress bar training uses (tqdm), on stderr."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True, mininterval=0.5,
+                leave=False)
 
 
 def step_flop(h: Harness, anchor_u8: torch.Tensor, query_u8: torch.Tensor) -> int:

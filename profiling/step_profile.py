@@ -2,19 +2,25 @@
 
 Two measurements of the same stages (profiling/harness.py STAGES):
 
-- **in place**: `--steps` real steps, marked between stages with CUDA events
+- **in place**: `--repeats` windows of `--steps` real steps, marked between stages with CUDA events
   (a CPU clock on a CPU) while the host runs ahead as in training. A stage's
   time is the device timeline between its marks, so a device left idle (data
   not there yet, the per-step non-finite check draining the queue) is charged
-  to the stage that ends the gap. The stages add up to the step; the step is
-  also measured by the wall clock (synchronised at both ends), and the report
-  shows the two side by side.
+  to the stage that ends the gap. The stages add up to the step; each window
+  is also measured by the wall clock (synchronised at both ends), and the
+  report shows the two side by side, per window.
 - **isolated**: each stage run alone, synchronised before and after, median
   of `--isolate-iters`: the loader alone (time per batch with no model
   running), the view preparation, SAIB forward, each encoder's forward, the
   backward (split at SAIB as in place), the optimizer, the momentum update;
   and the whole step with the data already on the device (the model-only
   ceiling). "Heads and loss" and the sync exist only in place.
+
+Every time is a median with its spread (profiling/stats.py: the windows for
+the wall clock, the steps for a stage in place, the runs for a stage alone).
+What cannot be true is flagged (profiling/checks.py): stages that add up to
+more (or far less) than the step, a real loader faster than the data already
+on the device, in-place and isolated times 2x apart.
 
 The step's FLOP are counted once by `torch.utils.flop_counter` (convolutions
 and matrix products, forward and backward; the optimizer's and other
@@ -24,16 +30,20 @@ bf16 matrix-multiply rate measured on this machine in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
 
+from iecl.profiling import checks, stats
 from iecl.profiling.bench_saib import matmul_tflops
 from iecl.profiling.harness import (
     STAGES,
@@ -44,53 +54,54 @@ from iecl.profiling.harness import (
     describe,
     resident_views,
     run_steps,
+    run_windows,
     step_flop,
     synchronize,
 )
 from iecl.profiling.machine import device_name, versions
 
 
-def profile(cfg, images, steps: int = 20, warmup: int = 5, isolate_iters: int = 10,
-            trace: str | None = None, trace_steps: int = 3, log=print) -> dict:
+def profile(cfg, images, steps: int = 10, warmup: int = 5, isolate_iters: int = 10,
+            trace: str | None = None, trace_steps: int = 3, log=print, repeats: int = 3) -> dict:
     """The whole report as one JSON-serialisable dict. `images=None`: data
     resident on the device (the data stage is then only the host's hand-over)."""
     # The schedule's length: long enough that the profiled steps stay near its start.
-    h = build_harness(cfg, images, total_steps=max(warmup + 2 * steps + trace_steps + 1, 1000))
+    h = build_harness(cfg, images, total_steps=max(warmup + 2 * steps * repeats + trace_steps + 1, 1000))
     try:
-        return _profile(h, cfg, steps, warmup, isolate_iters, trace, trace_steps, log)
+        return _profile(h, cfg, steps, warmup, repeats, isolate_iters, trace, trace_steps, log)
     finally:
         h.close()
 
 
-def _profile(h: Harness, cfg, steps, warmup, isolate_iters, trace, trace_steps, log) -> dict:
+def _profile(h: Harness, cfg, steps, warmup, repeats, isolate_iters, trace, trace_steps, log) -> dict:
     views = resident_views(cfg, h.device)
     flop = step_flop(h, *views[0])
     compile_if_configured(h)
     source = batches(h, views)
     log(f"iecl profile: {describe(cfg)}; warming up ({warmup} steps{', compiling' if cfg.train.compile else ''})")
     warm_s, _ = run_steps(h, source, warmup)
-    log(f"iecl profile: timing {steps} steps in place")
-    wall, per_step = run_steps(h, source, steps, first_step=warmup, laps=True)
-    resident = itertools.cycle(views)
-    model_wall, _ = run_steps(h, resident, steps, first_step=warmup + steps)
+    log(f"iecl profile: timing {repeats} windows of {steps} steps in place")
+    windows, marked = run_windows(h, source, steps, repeats, first_step=warmup, laps=True)
+    log(f"iecl profile: timing {repeats} windows of {steps} steps with the data on the device")
+    model_windows, _ = run_windows(h, itertools.cycle(views), steps, repeats, first_step=warmup + steps * repeats)
     isolated = {}  # --isolate-iters 0: in place only
     if isolate_iters > 0:
         log(f"iecl profile: timing each stage alone ({isolate_iters} times)")
         isolated = isolate(h, views, source if h.loader is not None else None, isolate_iters)
     peak = matmul_tflops(h.device, iters=10, warmup=3)
-    report = _report(cfg, h, per_step, wall / steps, model_wall / steps, isolated, flop, peak, warm_s)
-    report.update(steps=steps, warmup=warmup, isolate_iters=isolate_iters)
+    report = _report(cfg, h, marked, windows, model_windows, isolated, flop, peak, warm_s)
+    report.update(steps=steps, warmup=warmup, repeats=repeats, isolate_iters=isolate_iters)
     if trace:
-        report["trace"] = write_trace(h, source, trace, trace_steps, warmup + 2 * steps)
+        report["trace"] = write_trace(h, source, trace, trace_steps, warmup + 2 * steps * repeats)
     return report
 
 
 # ------------------------------------------------------------- isolation
 
 
-def _timed_alone(h: Harness, fn, iters: int, setup=None) -> dict[str, float]:
-    """Median seconds per stage (and "total") of `fn(setup())` run alone,
-    synchronised before each run."""
+def _timed_alone(h: Harness, fn, iters: int, setup=None) -> dict[str, dict]:
+    """Seconds per stage (and "total") of `fn(setup())` run alone, synchronised
+    before each run: a `stats.summary` over the runs for each."""
     runs = []
     for _ in range(iters):
         state = setup() if setup is not None else None
@@ -103,13 +114,13 @@ def _timed_alone(h: Harness, fn, iters: int, setup=None) -> dict[str, float]:
         stages["total"] = sum(stages.values())
         runs.append(stages)
     keys = set().union(*runs)
-    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+    return {k: stats.summary([r.get(k, 0.0) for r in runs]) for k in keys}
 
 
-def isolate(h: Harness, views, source, iters: int) -> dict[str, float]:
-    """Seconds (median) of each stage run alone; see the module docstring."""
+def isolate(h: Harness, views, source, iters: int) -> dict[str, dict]:
+    """Seconds of each stage run alone (a summary over `iters` runs); see the module docstring."""
     m, step, (a_u8, q_u8) = h.method, h.step, views[0]
-    out: dict[str, float] = {}
+    out: dict[str, dict] = {}
     if source is not None:
         out["data"] = _timed_alone(h, lambda _: next(source), iters)["total"]
     if m.saib is not None:
@@ -126,10 +137,11 @@ def isolate(h: Harness, views, source, iters: int) -> dict[str, float]:
     def forward(_=None):
         return step.forward(a_u8, q_u8, 0)[0]
 
+    none = stats.summary([0.0] * iters)
     backward = _timed_alone(h, lambda losses: step.backward(losses), iters, setup=forward)
-    out["backward"] = backward.get("backward", 0.0)
+    out["backward"] = backward.get("backward", none)
     if m.saib is not None:
-        out["saib_bwd"] = backward.get("saib_bwd", 0.0)
+        out["saib_bwd"] = backward.get("saib_bwd", none)
     optimizer = _timed_alone(h, lambda _: step.update(0), iters, setup=lambda: step.backward(forward()))
     out["optimizer"], out["momentum"] = optimizer["optimizer"], optimizer["momentum"]
     return out
@@ -157,7 +169,7 @@ def write_trace(h: Harness, source, path: str, steps: int, first_step: int) -> d
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if h.device.type == "cuda" else [])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with torch_profile(activities=activities) as prof:
+    with _without_kineto_markers(), torch_profile(activities=activities) as prof:
         for i in range(steps):
             with record_function(f"iecl_step_{first_step + i}"):
                 anchor, query = next(source)
@@ -172,27 +184,68 @@ def write_trace(h: Harness, source, path: str, steps: int, first_step: int) -> d
     return {"path": path, "steps": steps, "top_ops": table}
 
 
+#: what Kineto (torch.profiler's C++ side) writes to stderr at every start and
+#: stop: "USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start".
+#: USDT is a log level of its own, ranked above ERROR, so no KINETO_LOG_LEVEL
+#: hides it without hiding Kineto's errors too; the lines are filtered instead.
+KINETO_MARKER = "USDT:"
+
+
+@contextlib.contextmanager
+def _without_kineto_markers():
+    """File descriptor 2 (where C++ writes) into a temporary file while the
+    profiler starts, runs and stops; then everything in it except Kineto's
+    USDT marker lines is written to stderr as it came."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(KINETO_MARKER)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 # ------------------------------------------------------------- report
 
 
-def _report(cfg, h: Harness, per_step, wall_step, model_step, isolated, flop, peak, warm_s) -> dict:
+def _report(cfg, h: Harness, marked: list[list[dict]], windows: list[float], model_windows: list[float],
+            isolated: dict, flop, peak, warm_s) -> dict:
+    """`marked`: per window, per step, seconds per stage; `windows`,
+    `model_windows`: seconds per step of each window (in place, data on the device)."""
+    per_step = [step for window in marked for step in window]
     present = [s for s in STAGES if any(s in step for step in per_step)]
     mean = {s: statistics.fmean(step.get(s, 0.0) for step in per_step) for s in present}
     parts = sum(mean.values())
+    wall, model = stats.summary([1e3 * w for w in windows]), stats.summary([1e3 * w for w in model_windows])
+    # per window: the stages' total against the same window's wall clock
+    parts_over_wall = stats.summary([sum(sum(step.values()) for step in window) / (w * len(window))
+                                     for window, w in zip(marked, windows)])
     batch = cfg.train.batch_size
-    stages = {
-        s: {
+    stages = {}
+    for s in present:
+        in_place = stats.summary([1e3 * step.get(s, 0.0) for step in per_step])
+        alone = stats.mapped(isolated[s], lambda x: 1e3 * x) if s in isolated else None
+        stages[s] = {
             "label": STAGES[s],
-            "in_place_ms": 1e3 * mean[s],
-            "in_place_median_ms": 1e3 * statistics.median(step.get(s, 0.0) for step in per_step),
+            "in_place_ms": 1e3 * mean[s],  # the mean: the shares add up to the step
+            "in_place_median_ms": in_place["median"],
+            "in_place_ms_stats": in_place,
             "share": mean[s] / parts if parts else 0.0,
-            "isolated_ms": 1e3 * isolated[s] if s in isolated else None,
+            "isolated_ms": alone["median"] if alone else None,
+            "isolated_ms_stats": alone,
         }
-        for s in present
-    }
     saib = mean.get("saib_fwd", 0.0) + mean.get("saib_bwd", 0.0)
-    isolated_model = sum(v for k, v in isolated.items() if k != "data")
-    return {
+    isolated_model = sum(v["median"] for k, v in isolated.items() if k != "data")
+    wall_s, model_s = wall["median"] / 1e3, model["median"] / 1e3
+    report = {
         "config": describe(cfg),
         "method": cfg.method.name, "backbone": cfg.model.backbone, "saib": cfg.saib.enabled,
         "batch_size": batch, "image_size": cfg.data.image_size, "precision": cfg.train.precision,
@@ -202,40 +255,68 @@ def _report(cfg, h: Harness, per_step, wall_step, model_step, isolated, flop, pe
         "stages": stages,
         "step_ms": {
             "sum_of_parts": 1e3 * parts,
-            "wall_clock": 1e3 * wall_step,
-            "model_only": 1e3 * model_step,
+            "wall_clock": wall["median"],
+            "model_only": model["median"],
             "isolated_sum_without_data": 1e3 * isolated_model,
         },
-        "parts_over_wall_clock": parts / wall_step,
-        "img_per_s": {"in_place": batch / wall_step, "model_only": batch / model_step},
+        "step_ms_stats": {"wall_clock": wall, "model_only": model},
+        "parts_over_wall_clock": parts / wall_s,
+        "parts_over_wall_clock_stats": parts_over_wall,
+        "img_per_s": {"in_place": batch / wall_s, "model_only": batch / model_s},
         "saib_share": saib / parts if parts else 0.0,
         "flop_per_step": flop,
-        "tflops": {"in_place": flop / wall_step / 1e12, "model_only": flop / model_step / 1e12},
+        "tflops": {"in_place": flop / wall_s / 1e12, "model_only": flop / model_s / 1e12},
         "matmul_bf16_tflops": peak,
-        "share_of_matmul": {"in_place": flop / wall_step / 1e12 / peak, "model_only": flop / model_step / 1e12 / peak},
+        "share_of_matmul": {"in_place": flop / wall_s / 1e12 / peak, "model_only": flop / model_s / 1e12 / peak},
         "warmup_seconds": warm_s,
     }
+    if h.loader is not None:
+        report["loader_efficiency"] = stats.ratio(model, wall)
+    report["flags"] = sanity_flags(report)
+    return report
+
+
+def sanity_flags(r: dict) -> list[dict]:
+    """profiling/checks.py's verdicts on one profile."""
+    subject = f"{r['method']} {r['backbone']}{' +SAIB' if r['saib'] else ''} ({r['data']})"
+    found = [checks.parts_add_up(subject, r["parts_over_wall_clock_stats"]),
+             checks.isolated_disagrees(subject, r["stages"]),
+             checks.faster_than_matmul(subject, r["share_of_matmul"]["model_only"], r["device"])]
+    if "loader_efficiency" in r:
+        found.append(checks.loader_faster_than_model(subject, r["step_ms_stats"]["model_only"],
+                                                     r["step_ms_stats"]["wall_clock"]))
+    return [f for f in found if f is not None]
 
 
 def format_report(r: dict) -> str:
+    repeats = r.get("repeats", 1)
     lines = [
         f"iecl profile: {r['config']}",
-        (f"  device {r['device']}; data {r['data']}; {r['steps']} steps after {r['warmup']} warm-up "
-        f"({r['warmup_seconds']:.1f} s); isolated: "
-         + (f"median of {r['isolate_iters']}" if r["isolate_iters"] else "not measured (--isolate-iters 0)")),
+        (f"  device {r['device']}; data {r['data']}; {repeats} window(s) of {r['steps']} steps after {r['warmup']} "
+         f"warm-up ({r['warmup_seconds']:.1f} s); isolated: "
+         + (f"median of {r['isolate_iters']} runs" if r["isolate_iters"] else "not measured (--isolate-iters 0)")),
         "",
-        f"  {'stage':<28} {'in place ms':>12} {'share':>7} {'isolated ms':>12}",
+        f"  {'stage':<28} {'in place ms':>12} {'share':>7} {'median (IQR) per step':>24} {'isolated ms (min-max)':>24}",
     ]
     for s in r["stages"].values():
-        isolated = f"{s['isolated_ms']:12.2f}" if s["isolated_ms"] is not None else f"{'-':>12}"
-        lines.append(f"  {s['label']:<28} {s['in_place_ms']:12.2f} {100 * s['share']:6.1f}% {isolated}")
-    st = r["step_ms"]
+        st = stats.of(s.get("in_place_ms_stats") or s["in_place_ms"])
+        spread = f"{st['median']:.2f} ({st['q1']:.2f}-{st['q3']:.2f})"
+        alone = stats.fmt_short(s["isolated_ms_stats"], 2) if s.get("isolated_ms_stats") else "-"
+        lines.append(f"  {s['label']:<28} {s['in_place_ms']:12.2f} {100 * s['share']:6.1f}% {spread:>24} {alone:>24}")
+    st, spread = r["step_ms"], r.get("step_ms_stats", {})
+    wall, model = stats.of(spread.get("wall_clock", st["wall_clock"])), stats.of(spread.get("model_only", st["model_only"]))
+    ratio = stats.of(r.get("parts_over_wall_clock_stats", r["parts_over_wall_clock"]))
     lines += [
-        (f"  {'step (sum of parts)':<28} {st['sum_of_parts']:12.2f} {100.0:6.1f}% {st['isolated_sum_without_data']:12.2f}"
-        "  (isolated: without data)"),
+        (f"  {'step (sum of parts)':<28} {st['sum_of_parts']:12.2f} {100.0:6.1f}% {'':>24} {st['isolated_sum_without_data']:24.2f}"
+         "  (isolated: without data)"),
         "",
-        (f"  step by the wall clock {st['wall_clock']:.2f} ms (parts / wall clock = {r['parts_over_wall_clock']:.3f}); "
-        f"model-only step (data on the device) {st['model_only']:.2f} ms"),
+        f"  step by the wall clock: {stats.fmt(wall, 2)} ms per step, median over windows",
+        f"  parts / wall clock per window: {stats.fmt(ratio, 3)}",
+        f"  model-only step (data on the device): {stats.fmt(model, 2)} ms",
+    ]
+    if "loader_efficiency" in r:
+        lines.append(f"  loader efficiency (model-only / with the loader): {stats.fmt_ratio_percent(r['loader_efficiency'])}")
+    lines += [
         f"  images/s: {r['img_per_s']['in_place']:.0f} in place, {r['img_per_s']['model_only']:.0f} model-only",
         f"  SAIB (forward + backward): {100 * r['saib_share']:.1f}% of the step",
         (f"  {r['flop_per_step'] / 1e12:.3f} TFLOP per step (convolutions and matrix products, forward + backward): "
@@ -245,6 +326,8 @@ def format_report(r: dict) -> str:
     ]
     if r["device"].startswith("cpu"):
         lines.append("  (on a CPU the bf16 matmul rate is no ceiling: the shares above mean nothing there)")
+    if r.get("flags"):
+        lines += ["", *(f"  {line}" for line in checks.lines(r["flags"]))]
     if "trace" in r:
         lines += ["", f"  trace of {r['trace']['steps']} steps: {r['trace']['path']}", r["trace"]["top_ops"]]
     return "\n".join(lines)
@@ -258,7 +341,7 @@ def run_args(args) -> int:
     images = None if args.data_on_device else resolve_images(cfg.data, progress=not args.no_progress)
     start = time.perf_counter()
     report = profile(cfg, images, args.steps, args.warmup, args.isolate_iters, args.trace, args.trace_steps,
-                     log=lambda text: print(text, file=sys.stderr))
+                     log=lambda text: print(text, file=sys.stderr), repeats=args.repeats)
     report["command_seconds"] = time.perf_counter() - start
     report["command"] = " ".join(["iecl", *sys.argv[1:]])
     print(format_report(report))
