@@ -11,6 +11,10 @@ max|actual - expected| / max|expected|.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -265,6 +269,30 @@ def test_framed_activation_layout():
     expected = framed_reference(torch.nn.functional.pad(h, (0, 11)), geo.patches, 4)
     assert framed.shape == expected.shape == (3 * geo.framed_rows, 16)
     torch.testing.assert_close(framed, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_gemms_compile_to_pipelined_wgmma_with_tma_for_sm90(tmp_path):
+    """The structure an H100 relies on, from a compile for sm_90a that needs no
+    GPU (`kernels/saib_sm90.py`, a fresh process without the interpreter): the
+    full-size 3x3 forward GEMM, a gradient-epilogue GEMM and the 3x3 wgrad load
+    with TMA, multiply with wgmma that the main loop does not wait for at once,
+    fit in shared memory and do not spill."""
+    from iecl.kernels.saib_sm90 import SMEM_LIMIT
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-m", "iecl.kernels.saib_sm90"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    gemms = [r for r in rows if r["kernel"] in ("saib_gemm_kernel", "saib_wgrad_kernel")]
+    assert len(gemms) == 3, rows
+    for row in gemms:
+        assert row["wgmma"] and row["tma_loads"], row
+        assert row["loop_wait_pendings"] and min(row["loop_wait_pendings"]) > 0, row
+        assert row["shared"] <= SMEM_LIMIT, row
+        assert row["spill_bytes"] in (0, None), row  # None: this Triton does not say where its ptxas is
 
 
 # ---------------------------------------------------------------- the module's switch
