@@ -2,7 +2,10 @@
 
 What is timed is what training waits for: from asking the loader for a batch
 to having both views as uint8 NHWC tensors on the device. Nothing else runs,
-so this is the loader's ceiling; `iecl profile` shows it in place.
+so this is the loader's ceiling; `iecl profile` shows it in place. The timed
+steps run in `--repeats` consecutive windows of `--steps`: images/s is the
+median window's, with the windows' IQR and min-max (profiling/stats.py);
+the step times' spread is over every timed step.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from iecl.pipeline import BatchPlan, DataError, LoaderSpec, build_loader, open_images
 from iecl.pipeline.augment import get_recipe
 from iecl.pipeline.sources import open_beton
+from iecl.profiling import stats
 from iecl.profiling.machine import versions
 
 
@@ -42,6 +46,9 @@ class LoaderResult:
     peak_host_mb: float
     peak_gpu_mb: float | None
     bad_images: int
+    repeats: int = 1
+    img_per_s_stats: dict | None = None  # over the windows
+    step_ms_stats: dict | None = None  # over every timed step
 
 
 class MemoryWatch:
@@ -85,24 +92,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(images, backend: str, decode: str, device: torch.device, args) -> LoaderResult:
+def bench_one(images, backend: str, decode: str, device: torch.device, args, progress: bool = False) -> LoaderResult:
+    """`args.warmup` untimed steps, then `args.repeats` windows of `args.steps` timed ones."""
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    repeats = getattr(args, "repeats", 1)
     watch = MemoryWatch(device)
     plan = BatchPlan(get_recipe(args.recipe, None), args.batch_size, args.image_size, args.seed, workers, device)
     loader = build_loader(images, LoaderSpec(backend, plan, decode=decode))
-    needed = args.warmup + args.steps
+    needed = args.warmup + args.steps * repeats
     if needed > len(loader):
         # Several epochs are fine (a loader must sustain them); say how many.
         print(f"  note: {needed} steps span {needed / len(loader):.1f} epochs of {len(loader)} batches")
+    from tqdm import tqdm
+
+    bar = tqdm(total=needed, desc=backend + (f"/{decode}" if backend == "dali" else ""), unit="batch",
+               disable=not progress, dynamic_ncols=True, mininterval=0.5, leave=False)
     try:
-        times, epoch = [], 0
+        times, windows, epoch = [], [], 0
         loader.set_epoch(epoch)
         it = iter(loader)
         start = None
         for step in range(needed):
             if step == args.warmup:
                 _sync(device)
-                start = last = time.perf_counter()
+                start = last = window_start = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
@@ -115,24 +128,31 @@ def bench_one(images, backend: str, decode: str, device: torch.device, args) -> 
                 now = time.perf_counter()
                 times.append(now - last)
                 last = now
+                if (step - args.warmup + 1) % args.steps == 0:  # a window ends
+                    windows.append(args.steps * args.batch_size / (now - window_start))
+                    window_start = now
             watch.sample()
+            bar.update()
             del batch
         seconds = time.perf_counter() - start
         bad = len(loader.bad_files)
     finally:
+        bar.close()
         loader.close()
-    times.sort()
+    rate = stats.summary(windows)
+    ordered = sorted(times)
     return LoaderResult(
         backend=backend, decode=decode if backend == "dali" else None, device=str(device),
         batch_size=args.batch_size, image_size=args.image_size, recipe=args.recipe, images=len(images),
         steps=args.steps, warmup_steps=args.warmup, seconds=round(seconds, 4),
-        img_per_s=round(args.steps * args.batch_size / seconds, 1),
-        step_ms_median=round(1000 * times[len(times) // 2], 2),
-        step_ms_p90=round(1000 * times[min(len(times) - 1, int(0.9 * len(times)))], 2),
+        img_per_s=round(rate["median"], 1),
+        step_ms_median=round(1000 * ordered[len(ordered) // 2], 2),
+        step_ms_p90=round(1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 2),
         cpu_threads=os.cpu_count() or 1, workers=workers,
         peak_host_mb=round(watch.peak_host / 2**20, 1),
         peak_gpu_mb=round(watch.peak_gpu / 2**20, 1) if device.type == "cuda" else None,
-        bad_images=bad,
+        bad_images=bad, repeats=repeats, img_per_s_stats=rate,
+        step_ms_stats=stats.summary([1e3 * t for t in times]),
     )
 
 
@@ -158,16 +178,16 @@ def main(args) -> int:
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda but no CUDA device is available; use --device cpu")
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-        raise DataError("--steps and --batch-size must be positive, --warmup 0 or more")
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise DataError("--steps, --repeats and --batch-size must be positive, --warmup 0 or more")
     results = []
     for backend in args.backend:
         images = open_beton(_beton_for(args.data, args)) if backend == "ffcv" else open_images(args.data)
         for decode in args.decode if backend == "dali" else ["shared"]:
             label = backend + (f"/{decode}" if backend == "dali" else "")
             print(f"benchmarking {label} on {device}: {len(images)} images, batch {args.batch_size}, "
-                  f"{args.image_size}px, {args.warmup} + {args.steps} steps", flush=True)
-            results.append(bench_one(images, backend, decode, device, args))
+                  f"{args.image_size}px, {args.warmup} + {args.repeats} x {args.steps} steps", flush=True)
+            results.append(bench_one(images, backend, decode, device, args, progress=not args.no_progress))
     _print_table(results)
     record = {**asdict(results[0]), "versions": versions()} if len(results) == 1 else {
         "runs": [asdict(r) for r in results], "versions": versions()}
@@ -178,11 +198,17 @@ def main(args) -> int:
 
 
 def _print_table(results: list[LoaderResult]) -> None:
-    head = f"{'backend':<14}{'device':<8}{'batch':>6}{'img/s':>10}{'step ms':>9}{'p90 ms':>9}{'host MB':>9}{'GPU MB':>8}{'workers':>8}"
+    head = (f"{'backend':<14}{'device':<8}{'batch':>6}{'img/s':>10}{'min-max img/s':>22}{'step ms':>9}{'p90 ms':>9}"
+            f"{'host MB':>9}{'GPU MB':>8}{'workers':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
         name = r.backend + (f"/{r.decode}" if r.decode else "")
         gpu = f"{r.peak_gpu_mb:.0f}" if r.peak_gpu_mb is not None else "-"
-        print(f"{name:<14}{r.device:<8}{r.batch_size:>6}{r.img_per_s:>10.1f}{r.step_ms_median:>9.1f}"
+        rate = stats.of(r.img_per_s_stats or r.img_per_s)
+        spread = f"{rate['min']:.1f}-{rate['max']:.1f}" if rate["n"] > 1 else "(one window)"
+        print(f"{name:<14}{r.device:<8}{r.batch_size:>6}{r.img_per_s:>10.1f}{spread:>22}{r.step_ms_median:>9.1f}"
               f"{r.step_ms_p90:>9.1f}{r.peak_host_mb:>9.0f}{gpu:>8}{r.workers:>8}")
+    repeats = {r.repeats for r in results}
+    print(f"img/s: the median of {'/'.join(map(str, sorted(repeats)))} windows of {results[0].steps} steps, "
+          "with their min-max; step ms: the median and 90th percentile of every timed step")

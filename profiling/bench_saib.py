@@ -14,8 +14,9 @@ channels, a GEMM (M x K) @ (K x N) costs 2*M*K*N:
     conv4 1x1 2D->D   2 * R * 2D * D   =  4 R D^2
     forward = 50 R D^2;  backward = 2 x forward (input and weight gradients)
 
-Times are medians over `iters` after `warmup` untimed iterations, with CUDA
-events on a GPU and time.perf_counter on a CPU. Each implementation's TFLOP/s
+Times are medians over `iters` timed runs after `warmup` untimed ones, with
+their IQR and min-max (profiling/stats.py), with CUDA events on a GPU and
+time.perf_counter on a CPU. Each implementation's TFLOP/s
 is also given as a share of a bf16 torch.matmul of large square matrices
 measured in the same run. On a CPU the Triton kernels run in the interpreter
 (TRITON_INTERPRET=1, set here before they are imported): those numbers show
@@ -28,13 +29,13 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
+from iecl.profiling import checks, stats
 from iecl.profiling.cli import SAIB_IMPLS as IMPLS
 from iecl.profiling.machine import device_name
 from iecl.train.step import (
@@ -67,18 +68,25 @@ def _timer(device: torch.device):
     return measure
 
 
-def _median_seconds(fn, setup, iters: int, warmup: int, device: torch.device) -> float:
+def _timed_ms(fn, setup, iters: int, warmup: int, device: torch.device, tick=None) -> dict:
+    """`fn(setup())` run `warmup + iters` times: a summary of the timed runs, in ms.
+    `tick()` after each run (a progress bar)."""
     measure = _timer(device)
     times = []
     for i in range(warmup + iters):
         state = setup()
         seconds = measure(functools.partial(fn, state))
         if i >= warmup:
-            times.append(seconds)
-    return statistics.median(times)
+            times.append(1e3 * seconds)
+        if tick is not None:
+            tick()
+    return stats.summary(times)
 
 
-def _time_phases(saib, x, autocast, iters: int, warmup: int, device: torch.device) -> dict[str, float]:
+PHASES = ("forward", "backward", "forward_backward")
+
+
+def _time_phases(saib, x, autocast, iters: int, warmup: int, device: torch.device, tick=None) -> dict:
     grad_out = torch.randn_like(x)
 
     def forward(_=None):
@@ -92,11 +100,16 @@ def _time_phases(saib, x, autocast, iters: int, warmup: int, device: torch.devic
     def forward_backward(_):
         fresh_forward().backward(grad_out)
 
-    return {
-        "forward_ms": _median_seconds(forward, lambda: None, iters, warmup, device) * 1e3,
-        "backward_ms": _median_seconds(lambda out: out.backward(grad_out), fresh_forward, iters, warmup, device) * 1e3,
-        "forward_backward_ms": _median_seconds(forward_backward, lambda: None, iters, warmup, device) * 1e3,
+    timed = {
+        "forward": _timed_ms(forward, lambda: None, iters, warmup, device, tick),
+        "backward": _timed_ms(lambda out: out.backward(grad_out), fresh_forward, iters, warmup, device, tick),
+        "forward_backward": _timed_ms(forward_backward, lambda: None, iters, warmup, device, tick),
     }
+    row = {}
+    for phase, summary in timed.items():
+        row[f"{phase}_ms"] = summary["median"]
+        row[f"{phase}_ms_stats"] = summary
+    return row
 
 
 def matmul_tflops(device: torch.device, iters: int, warmup: int) -> float:
@@ -104,8 +117,8 @@ def matmul_tflops(device: torch.device, iters: int, warmup: int) -> float:
     n = 8192 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    seconds = _median_seconds(lambda _: torch.matmul(a, b), lambda: None, iters, warmup, device)
-    return 2 * n**3 / seconds / 1e12
+    ms = _timed_ms(lambda _: torch.matmul(a, b), lambda: None, iters, warmup, device)["median"]
+    return 2 * n**3 / (ms / 1e3) / 1e12
 
 
 def _prepare_triton(device: torch.device) -> tuple[bool, str]:
@@ -118,7 +131,7 @@ def _prepare_triton(device: torch.device) -> tuple[bool, str]:
 
 def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: str = "bf16",
         device: str | None = None, iters: int = 50, warmup: int = 10, impls=IMPLS,
-        compile_on_cpu: bool = False) -> dict:
+        compile_on_cpu: bool = False, progress: bool = False) -> dict:
     """Time every implementation; returns one JSON-serialisable dict."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = DTYPES[dtype]
@@ -136,22 +149,31 @@ def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: st
     autocast = torch.autocast(device.type, dtype=torch_dtype) if torch_dtype != torch.float32 else nullcontext()
     flop = saib_flop(batch_size, image_size)
     peak = matmul_tflops(device, iters, warmup)
-    results = {}
+    results, flags, todo = {}, [], []
     for impl in impls:
         if impl == "triton" and not triton_ok:
             notes.append(f"triton skipped: {why}")
-            continue
-        if impl == "compile" and device.type == "cpu" and not compile_on_cpu:
+        elif impl == "compile" and device.type == "cpu" and not compile_on_cpu:
             notes.append("compile skipped on CPU (minutes to compile; --compile-on-cpu to include)")
-            continue
+        else:
+            todo.append(impl)
+    from tqdm import tqdm
+
+    # Under Triton's interpreter one run takes seconds: the bar shows each one.
+    bar = tqdm(total=len(todo) * len(PHASES) * (warmup + iters), desc="bench saib", unit="run",
+               disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    for impl in todo:
+        bar.set_postfix_str(impl)
         saib = SAIB(batch_size, (image_size, image_size), patch, impl=impl).to(device, memory_format=torch.channels_last)
         saib.load_state_dict(base.state_dict())
-        row = _time_phases(saib, x, autocast, iters, warmup, device)
-        for phase in ("forward", "backward", "forward_backward"):
+        row = _time_phases(saib, x, autocast, iters, warmup, device, tick=bar.update)
+        for phase in PHASES:
             tflops = flop[phase] / (row[f"{phase}_ms"] / 1e3) / 1e12
             row[f"{phase}_tflops"] = tflops
             row[f"{phase}_share_of_matmul"] = tflops / peak
+            flags.append(checks.faster_than_matmul(f"SAIB {impl} {phase}", tflops / peak, device_name(device)))
         results[impl] = row
+    bar.close()
     if device.type == "cpu":
         notes.append("CPU: the bf16 matmul reference rate is slow on CPUs (shares can exceed 100%)")
         if "triton" in results:
@@ -165,6 +187,7 @@ def run(batch_size: int = 256, image_size: int = 224, patch: int = 16, dtype: st
         "matmul_bf16_tflops": peak,
         "results": results,
         "notes": notes,
+        "flags": [f for f in flags if f is not None],
     }
 
 
@@ -172,14 +195,18 @@ def format_table(report: dict) -> str:
     cfg = report["config"]
     lines = [
         (f"SAIB B={cfg['batch_size']} {cfg['image_size']}px p={cfg['patch']} {cfg['dtype']} on {cfg['device_name']}; "
-         f"bf16 matmul {report['matmul_bf16_tflops']:.4g} TFLOP/s; forward {report['flop']['forward'] / 1e9:.4g} GFLOP"),
-        f"{'impl':<10} {'phase':<17} {'ms':>10} {'TFLOP/s':>9} {'of matmul':>10}",
+         f"bf16 matmul {report['matmul_bf16_tflops']:.4g} TFLOP/s; forward {report['flop']['forward'] / 1e9:.4g} GFLOP; "
+         f"median of {cfg['iters']} runs after {cfg['warmup']}"),
+        f"{'impl':<10} {'phase':<17} {'ms':>10} {'IQR ms':>19} {'min-max ms':>19} {'TFLOP/s':>9} {'of matmul':>10}",
     ]
     for impl, row in report["results"].items():
-        for phase in ("forward", "backward", "forward_backward"):
-            lines.append(f"{impl:<10} {phase:<17} {row[f'{phase}_ms']:>10.3f} {row[f'{phase}_tflops']:>9.3g} "
+        for phase in PHASES:
+            s = stats.of(row.get(f"{phase}_ms_stats") or row[f"{phase}_ms"])
+            lines.append(f"{impl:<10} {phase:<17} {s['median']:>10.3f} {s['q1']:>9.3f}-{s['q3']:<9.3f} "
+                         f"{s['min']:>9.3f}-{s['max']:<9.3f} {row[f'{phase}_tflops']:>9.3g} "
                          f"{row[f'{phase}_share_of_matmul']:>9.1%}")
     lines += [f"note: {note}" for note in report["notes"]]
+    lines += checks.lines(report.get("flags", []))
     return "\n".join(lines)
 
 
@@ -195,7 +222,7 @@ def run_args(args: argparse.Namespace) -> dict:
 
         raise ConfigError(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
     report = run(args.batch_size, args.image_size, args.patch, args.dtype, device, args.iters, warmup, impls,
-                 args.compile_on_cpu)
+                 args.compile_on_cpu, progress=not args.no_progress)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

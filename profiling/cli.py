@@ -38,8 +38,8 @@ Benchmarks: each prints a table and writes one JSON object (--json).
 """
 
 SAIB_HELP = """\
-SAIB forward, backward and forward+backward times (median of --iters, CUDA
-events on a GPU, warm-up excluded) for the eager PyTorch reference,
+SAIB forward, backward and forward+backward times (median of --iters runs,
+with their IQR and min-max; CUDA events on a GPU, warm-up excluded) for the eager PyTorch reference,
 torch.compile of it and the Triton kernels, each with its achieved TFLOP/s and
 its share of this machine's bf16 matrix-multiply rate, measured in the same run.
 On a CPU the Triton rows time the interpreter (TRITON_INTERPRET=1 must be set
@@ -57,11 +57,13 @@ timed; on a GPU the device is synchronised before each clock reading. Peak
 host memory is the resident memory of this process and its workers; peak GPU
 memory is the device's used memory above what it was before the loader
 started (it includes DALI's own pools, which PyTorch's counters miss).
+images/s is the median of --repeats windows of --steps batches, with the
+windows' IQR and min-max.
 
 For ffcv, DATA may be a .beton, or a folder that is converted once into
 --beton (default: under ~/.cache/iecl/bench) and reused.
 
-  iecl bench loader --backend pil --data /data/synthetic-10k --batch-size 256 --steps 50 --workers 16
+  iecl bench loader --backend pil --data /data/synthetic-10k --batch-size 256 --steps 10 --repeats 5 --workers 16
   iecl bench loader --backend dali --decode shared window --data /data/synthetic-10k --device cuda --json dali.json
 """
 
@@ -80,8 +82,10 @@ def register(commands) -> None:
     p.add_argument("--data", required=True, metavar="DATA", help="what data.root accepts; a .beton for ffcv")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--image-size", type=int, default=224, help="crop size in pixels")
-    p.add_argument("--steps", type=int, default=50, help="timed steps")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per window")
+    p.add_argument("--repeats", type=int, default=5, help="timing windows: img/s is their median, with IQR and min-max")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where the views are delivered")
     p.add_argument("--workers", type=int, default=None, help="loader processes/threads (default: all cores)")
     p.add_argument("--recipe", choices=("mocov2", "simclr", "byol"), default="mocov2", help="augmentation recipe")
@@ -115,6 +119,7 @@ def add_saib_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", default=",".join(SAIB_IMPLS), help=f"comma-separated subset of {','.join(SAIB_IMPLS)}")
     parser.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU")
     parser.add_argument("--json", type=str, default=None, help="write the report to this path")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 PROFILE_HELP = """\
