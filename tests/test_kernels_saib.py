@@ -165,6 +165,17 @@ def test_fp32_forward_and_gradients(batch, height, width, patch):
     assert_all_close(actual, expected, FP32_TOL)
 
 
+@pytest.mark.slow
+def test_fp32_patch_16_row_tiles_within_a_patch():
+    """Patch 16: a GEMM row tile (128 rows) is half a patch, so the taps' boxes
+    start mid-patch in the framed layout (patches of 4 and 8 fill whole tiles)."""
+    params = random_params(2, 16, 32, 16, seed=22)
+    x, grad_out = inputs(2, 16, 32, seed=23)
+    expected = forward_backward(saib_reference, x, params, grad_out, patch=16)
+    actual = forward_backward(saib_triton, x, params, grad_out, patch=16)
+    assert_all_close(actual, expected, FP32_TOL)
+
+
 def test_fp32_eval_mode_uses_running_statistics():
     params = random_params(2, 8, 8, 4, seed=7)
     x, grad_out = inputs(2, 8, 8, seed=8)
@@ -222,6 +233,23 @@ def test_half_precision_forward_and_gradients(dtype, training):
     with torch.autocast(DEVICE, dtype=dtype):
         actual = forward_backward(saib_triton, x, params, grad_out, patch=4, training=training)
     assert actual["out"].dtype == dtype
+    actual["out"] = actual["out"].float()
+    assert_all_close(actual, expected, 6e-2)
+
+
+@pytest.mark.slow
+def test_bf16_uint8_query_as_the_training_step_runs_it():
+    """uint8 views normalised into bf16 inside the first pass, bf16 GEMMs (the
+    step's path), against the fp32 reference on the same images."""
+    params = random_params(3, 8, 8, 4, seed=24)
+    gen = torch.Generator().manual_seed(25)
+    images = torch.randint(0, 256, (3, 8, 8, 3), generator=gen, dtype=torch.uint8).to(DEVICE)
+    grad_out = torch.randn(3, 3, 8, 8, generator=gen).to(DEVICE)
+    mean, std = torch.tensor(MEAN_255, device=DEVICE), torch.tensor(STD_255, device=DEVICE)
+    expected = forward_backward(saib_reference_uint8, images, params, grad_out, mean, std, torch.float32, patch=4)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        actual = forward_backward(saib_triton_uint8, images, params, grad_out, mean, std, torch.bfloat16, patch=4)
+    assert actual["out"].dtype == torch.bfloat16
     actual["out"] = actual["out"].float()
     assert_all_close(actual, expected, 6e-2)
 
