@@ -1,8 +1,8 @@
 """Benchmark SAIB's implementations: eager reference, torch.compile of the
 functional reference, and the Triton kernels; forward, backward and both.
 
-    python -m profiling.bench_saib --batch-size 256 --image-size 224 --patch 16 --dtype bf16
-    python -m profiling.bench_saib --batch-size 8 --image-size 32 --patch 8 --dtype fp32 --iters 3   # CPU toy
+    iecl bench saib --batch-size 256 --image-size 224 --patch 16 --dtype bf16
+    iecl bench saib --batch-size 8 --image-size 32 --patch 8 --dtype fp32 --iters 3   # CPU toy
 
 FLOP count (GEMMs only; BatchNorm, Swish and the skips are memory-bound and
 not counted). With R = 3*H*W rows (pixels of all patch-images) and D = B
@@ -29,14 +29,13 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
 from iecl.profiling import checks, stats
-from iecl.profiling.cli import SAIB_IMPLS as IMPLS
+from iecl.profiling.choices import SAIB_IMPLS as IMPLS
 from iecl.profiling.machine import device_name
 from iecl.train.step import (
     DTYPES,  # precision name -> torch dtype, as the training step reads it
@@ -228,15 +227,3 @@ def run_args(args: argparse.Namespace) -> dict:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return report
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from iecl.profiling.cli import add_saib_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_saib_arguments(parser)
-    return run_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-#: SAIB's dtypes, as train.step.DTYPES names them (tests/test_cli.py checks the two agree)
-PRECISIONS = ("bf16", "fp16", "fp32")
-#: bench saib's implementations, as bench_saib.IMPLS (checked likewise)
-SAIB_IMPLS = ("reference", "compile", "triton")
-#: compare's --saib choices, as compare.SAIB_MODES (checked likewise)
-SAIB_CHOICES = ("both", "on", "off")
-IMAGENET_TRAIN_IMAGES = 1_281_167
+from iecl.profiling.choices import (
+    IMAGENET_TRAIN_IMAGES,
+    PRECISIONS,
+    SAIB_CHOICES,
+    SAIB_IMPLS,
+)
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):

@@ -44,7 +44,7 @@ import torch
 
 from iecl.model.methods import METHODS as REGISTRY
 from iecl.profiling import checks, stats
-from iecl.profiling.cli import IMAGENET_TRAIN_IMAGES
+from iecl.profiling.choices import IMAGENET_TRAIN_IMAGES
 from iecl.profiling.harness import (
     batches,
     build_harness,

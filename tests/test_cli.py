@@ -369,8 +369,8 @@ def test_help_and_argument_errors_do_not_import_torch(tmp_path):
     argument errors answer without importing torch (seconds on a busy machine)."""
     root = Path(__file__).resolve().parent.parent
     cases = [list(argv) for argv in FAST]
-    run = subprocess.run([sys.executable, "-c", _FAST_CHECK, str(root), json.dumps(cases)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", _FAST_CHECK, str(root), json.dumps(cases)], check=False,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.splitlines()[-1])
     assert result["codes"] == list(FAST.values())
