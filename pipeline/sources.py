@@ -133,10 +133,17 @@ def read_file_list(path: str | os.PathLike) -> ImageList:
     if any(label is None for label in labels):
         raise DataError(f"the file list {path} gives labels for some images and not others")
     if all(re.fullmatch(r"-?\d+", label) for label in labels):
+        bad = next((label for label in labels if not 0 <= int(label) <= MAX_LABEL), None)
+        if bad is not None:
+            raise DataError(f"the file list {path} has the label {bad[:40]}; integer labels run from 0 to {MAX_LABEL}")
         return ImageList(str(path), [(f, int(label)) for f, label in entries])
     classes = sorted(set(labels))
     index = {name: i for i, name in enumerate(classes)}
     return ImageList(str(path), [(f, index[label]) for f, label in entries], classes)
+
+
+#: Integer class labels fit an int32 (every label tensor and FFCV's label field hold them).
+MAX_LABEL = 2**31 - 1
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -181,8 +188,9 @@ def _index_tar(tar: tarfile.TarFile) -> list[tuple[str, int, int, int]]:
             images[key] = (info.name, info.offset_data, info.size)
         elif ext == "cls":
             text = tar.extractfile(info).read().decode("utf-8", "replace").strip()
-            if not re.fullmatch(r"-?\d+", text):
-                raise DataError(f"{tar.name}:{info.name} should hold an integer label, holds {text[:40]!r}")
+            if not re.fullmatch(r"\d{1,10}", text) or int(text) > MAX_LABEL:
+                raise DataError(f"{tar.name}:{info.name} should hold a class label from 0 to {MAX_LABEL}, "
+                                f"holds {text[:40]!r}")
             labels[key] = int(text)
     return [(name, offset, size, labels.get(key, UNLABELED)) for key, (name, offset, size) in images.items()]
 

@@ -133,9 +133,9 @@ def test_missing_config_file_lists_the_shipped_ones():
     ("saib.patch_size=12", "saib.patch_size 12 must divide data.image_size 64; try saib.patch_size=8"),
     ("train.batch_size=1", "train.batch_size must be at least 2"),
     ("data.crop_scale=[0.9, 0.5]", "data.crop_scale must satisfy"),
-    ("method.momentum=1.0", "method.momentum must lie in [0, 1)"),
+    ("method.momentum=1.0", "method.momentum must be in [0, 1), got 1.0"),
     ("method.queue_size=0", "method.queue_size must be positive"),
-    ("eval.val_fraction=1.0", "eval.val_fraction must lie in (0, 1)"),
+    ("eval.val_fraction=1.0", "eval.val_fraction must be in (0, 1), got 1.0"),
     ("eval.knn_every=-1", "eval.knn_every must be 0 (off) or positive"),
     ("data.synthetic_images=16", "data.synthetic_images (16) must be at least train.batch_size (32)"),
 ])
@@ -246,3 +246,77 @@ def test_each_method_fills_its_own_keys_and_unused_ones_are_named():
     assert cfg.method.momentum == 0.9  # a value the config sets explicitly is kept ...
     reset = validate(load_config("imagenet_r50", [*method_own_values(), "method.name=mocov2"]))
     assert reset.method.momentum == 0.999 and unused_method_keys(reset) == []  # ... unless handed back (compare)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
+    ("optim.weight_decay=.inf", "optim.weight_decay: expected a finite number, got inf"),
+    ("method.lambda_entropy=.nan", "method.lambda_entropy: expected a finite number, got nan"),
+    ("method.beta_kl=-0.5", "method.beta_kl must be 0 or more, got -0.5"),
+    ("method.coding_rate_eps=.inf", "method.coding_rate_eps: expected a finite number"),
+    ("optim.warmup_epochs=.inf", "optim.warmup_epochs: expected a finite number"),
+    ("optim.lr=1e300", "optim.lr must be positive (and at most 1000), got 1e+300"),
+    ("optim.lr=1" + "0" * 400, "optim.lr: expected a finite number"),  # an integer beyond any float
+    ("run.seed=-1", "run.seed must be in [0, 4294967295]"),
+    ("run.seed=18446744073709551616", "run.seed must be in [0, 4294967295]"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas[1] must be in [0, 1), got 1.0"),
+    ("data.crop_scale=[0.0, 1.0]", "data.crop_scale[0] must be in (0, 1]"),
+    ("train.epochs=0", "train.epochs must be at least 1"),
+    ("data.image_size=100000", "data.image_size must be at least 32 (and at most 8192)"),
+    ("run.name=../..", "run.name must be one folder name"),
+    ("run.name=a/b", "run.name must be one folder name"),
+    ("run.name=..", "run.name must be one folder name"),
+])
+def test_values_at_the_config_edge_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(None, [override]))
+    assert message in str(err.value)
+
+
+def test_values_set_in_code_get_the_same_checks():
+    cfg = Config()
+    cfg.method.lambda_entropy = float("nan")
+    with pytest.raises(ConfigError, match="method.lambda_entropy: expected a finite number"):
+        validate(cfg)
+
+
+def test_every_numeric_key_has_a_range():
+    """A new int or float key without a `Range` would take any value unchecked."""
+    import typing
+
+    from iecl.train.config import Range, _fields
+
+    def numeric_leaves(annotation):
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            base, *meta = args
+            if base in (int, float):
+                yield base, any(isinstance(m, Range) for m in meta)
+                return
+            yield from numeric_leaves(base)
+        elif args:
+            for a in args:
+                yield from numeric_leaves(a)
+        elif annotation in (int, float):
+            yield annotation, False
+
+    missing = [f"{section}.{key}" for section, cls in _fields(Config).items() for key, ann in _fields(cls).items()
+               if any(not ranged for _, ranged in numeric_leaves(ann))]
+    assert missing == []
+
+
+def test_config_files_with_duplicate_keys_or_not_utf8_are_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 2\n  batch_size: 16\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' appears twice in one mapping \(line 4\)"):
+        load_config(str(twice))
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(str(latin))
+
+
+def test_the_triton_saib_takes_patch_sizes_in_multiples_of_four():
+    with pytest.raises(ConfigError, match="kernels.saib_impl=triton takes saib.patch_size in multiples of 4"):
+        validate(load_config(None, ["kernels.saib_impl=triton", "saib.patch_size=2"]))
+    validate(load_config(None, ["kernels.saib_impl=triton", "saib.patch_size=8"]))

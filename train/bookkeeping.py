@@ -71,13 +71,18 @@ class Training:
 class Bookkeeping:
     def __init__(self, t: Training, run_dir: Path, loader, pos: Position, *, resumed: bool, total: int,
                  steps_per_epoch: int, device: torch.device, knn: LabelledSplits | None, progress: bool,
-                 faults) -> None:
+                 faults, trim_logs_after: int | None = None, known_bad: list[str] = ()) -> None:
+        """`trim_logs_after`: a step; metrics rows after it are dropped (a resume
+        from it; default: the position if `resumed`). `known_bad`: the unreadable
+        images of earlier sessions (the checkpoint's `bad_files`)."""
         cfg, main = t.cfg, ddp.is_main()
         self.t, self.run_dir, self.loader, self.pos = t, run_dir, loader, pos
         self.total, self.steps_per_epoch, self.main = total, steps_per_epoch, main
         self.faults = faults
         global_batch = cfg.train.batch_size * t.world_size
-        self.metrics = (MetricsLog(run_dir, resume_step=pos.step if resumed else None,
+        if trim_logs_after is None and resumed:
+            trim_logs_after = pos.step
+        self.metrics = (MetricsLog(run_dir, resume_step=trim_logs_after,
                                    wandb=cfg.log if cfg.log.wandb else None, config=cfg.to_dict())
                         if main else _NoMetrics())
         self.bar = tqdm(total=total, initial=pos.step, unit="step", disable=not (progress and main),
@@ -85,7 +90,7 @@ class Bookkeeping:
         self.window = _Window(global_batch, device)
         self.throughput = _Throughput(pos.step, global_batch, device)
         self.monitor = KnnMonitor(cfg, knn, device, _eval_dtype(cfg))
-        self.seen_bad = 0  # this rank's replaced images already named
+        self.bad = BadFiles(known_bad, main)
         self.bad_images = 0  # over all ranks, as last agreed
         self.stop: str | None = None  # the stop signal the ranks agreed on
         self.last_saved = pos.step if resumed else -1
@@ -98,17 +103,16 @@ class Bookkeeping:
         return self.pos.step >= self.total or self.stop is not None
 
     def name_bad_images(self) -> tuple[int, str | None]:
-        """Name this rank's images replaced since the last step, once each ->
-        (how many so far, the latest)."""
-        found = self.loader.bad_files
-        latest = found[-1] if found else None
-        if self.t.world_size == 1 and len(found) > self.t.cfg.data.max_bad_images:
-            return len(found), latest  # the step stops the run with one error line naming the latest
-        for name in found[self.seen_bad:]:
+        """Name this rank's newly met unreadable images, once each ->
+        (this rank's share of the run's count so far, the latest)."""
+        new = self.bad.update(self.loader.bad_files)
+        count = self.bad.count()
+        if self.t.world_size == 1 and count > self.t.cfg.data.max_bad_images:
+            return count, self.bad.latest  # the step stops the run with one error line naming the latest
+        for name in new:
             tqdm.write(f"{ddp.log_prefix()}warning: unreadable image {name} replaced by the next readable one",
                        sys.stderr)
-        self.seen_bad = len(found)
-        return len(found), latest
+        return count, self.bad.latest
 
     def stand_in(self, batch: ViewBatch | None) -> ViewBatch:
         """`batch`, or for a rank whose loader failed, views of the right shape:
@@ -129,8 +133,7 @@ class Bookkeeping:
         """Count the step: position, losses of the window, bar, throughput."""
         pos = self.pos
         self.stop, self.bad_images = outcome.verdict.stop, outcome.verdict.bad_images
-        if outcome.updated:
-            self.window.add(outcome.losses)
+        self.window.add(outcome.losses, outcome.finite)  # a skipped step adds nothing (decided on the device)
         self.last_batch = batch
         pos.step += 1
         pos.batch_in_epoch += 1
@@ -143,7 +146,7 @@ class Bookkeeping:
         """What is due at this step: a metrics row, a checkpoint, the kNN monitor."""
         cfg, pos = self.t.cfg, self.pos
         # A window of only skipped steps has no losses to log.
-        if (pos.step % cfg.train.log_every == 0 or pos.step == self.total) and self.window.steps:
+        if (pos.step % cfg.train.log_every == 0 or pos.step == self.total) and self.window.has_losses():
             self._log(outcome)
         if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
             self.save(periodic=True)
@@ -177,8 +180,9 @@ class Bookkeeping:
 
     def save(self, periodic: bool = False) -> None:
         """last.pt (rank 0), and with train.keep_checkpoints a snapshot on periodic saves."""
+        bad_files = self.bad.merge_ranks()  # every rank takes part
         if self.main:
-            _save(self.t, self.pos, self.run_dir, self.last_saved, periodic)
+            _save(self.t, self.pos, self.run_dir, self.last_saved, periodic, bad_files)
         self.last_saved = self.pos.step
 
     def save_if_unsaved(self) -> None:
@@ -205,7 +209,56 @@ def _eval_dtype(cfg: Config):
     return dtype if dtype != torch.float32 else None
 
 
-def checkpoint_state(t: Training, pos: Position) -> dict:
+class BadFiles:
+    """The run's unreadable images, each file counted once however often it is
+    met (every epoch, on any rank, before or after a resume).
+
+    Loaders list "path (reason)" entries in `bad_files`; the path identifies
+    the file. `known` are the run's files as of the last checkpoint (the same
+    on every rank); `new` this rank's since. Each rank reports `count()` to the
+    step's agreement, which sums them: rank 0 adds `known`, every rank its
+    `new`. A file first met on two ranks in the same stretch counts twice
+    until the next checkpoint merges the ranks' sets."""
+
+    def __init__(self, known: list[str], main: bool) -> None:
+        self.known = {_file_of(name): name for name in known}
+        self.new: dict[str, str] = {}
+        self.main = main
+        self.seen = 0  # entries of the loader's list already read
+        self.latest: str | None = None
+
+    def update(self, found: list[str]) -> list[str]:
+        """Read the loader's list -> the entries of files not met before."""
+        fresh = []
+        if len(found) < self.seen:  # a loader that started its list again
+            self.seen = 0
+        for name in found[self.seen:]:
+            key = _file_of(name)
+            if key not in self.known and key not in self.new:
+                self.new[key] = name
+                fresh.append(name)
+            self.latest = name
+        self.seen = len(found)
+        return fresh
+
+    def count(self) -> int:
+        return len(self.new) + (len(self.known) if self.main else 0)
+
+    def merge_ranks(self) -> list[str]:
+        """All ranks' files in one sorted list (a collective under a process
+        group); they become the `known` of every rank."""
+        merged = ddp.union_over_ranks([*self.known.values(), *self.new.values()])
+        self.known, self.new = {_file_of(name): name for name in merged}, {}
+        return merged
+
+
+def _file_of(entry: str) -> str:
+    """'path (reason)' -> 'path'."""
+    path, sep, _ = entry.partition(" (")
+    return path if sep else entry
+
+
+def checkpoint_state(t: Training, pos: Position, bad_files: list[str] = ()) -> dict:
     return {
         "format": ckpt.FORMAT,
         "step": pos.step,
@@ -218,13 +271,14 @@ def checkpoint_state(t: Training, pos: Position) -> dict:
         "rng": ckpt.rng_state(),
         "config": t.cfg.to_dict(),
         "dataset": {"root": t.images.root, "images": len(t.images)},
+        "bad_files": list(bad_files),  # the run's unreadable images so far (BadFiles)
     }
 
 
-def _save(t: Training, pos: Position, run_dir: Path, last_saved: int, periodic: bool) -> None:
+def _save(t: Training, pos: Position, run_dir: Path, last_saved: int, periodic: bool, bad_files: list[str]) -> None:
     path = run_dir / "last.pt"
     try:
-        ckpt.save_atomic(checkpoint_state(t, pos), path)
+        ckpt.save_atomic(checkpoint_state(t, pos, bad_files), path)
         if periodic and t.cfg.train.keep_checkpoints:
             ckpt.snapshot(path, pos.step, t.cfg.train.keep_checkpoints)
     except OSError as err:
@@ -253,13 +307,23 @@ class _Window:
         self.start = time.perf_counter()
         self.last_losses: dict[str, float] | None = None
 
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
+    def add(self, losses: dict[str, torch.Tensor], finite: bool | torch.Tensor = True) -> None:
+        """`finite`: the step was made (one process: a device bool, masked in with no host read)."""
+        if finite is False:
+            return
         for key, value in losses.items():
             value = value.detach().float()
+            if isinstance(finite, torch.Tensor):
+                value = torch.where(finite, value, 0.0)  # a select: NaN * 0 is NaN
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.steps += 1
+        self.steps = self.steps + (finite.int() if isinstance(finite, torch.Tensor) else 1)
+
+    def has_losses(self) -> bool:
+        """Any finite step in the window (a host sync where the count is on the device)."""
+        return bool(self.steps)
 
     def flush(self, pos: Position, steps_per_epoch: int, lr: float) -> dict:
+        self.steps = int(self.steps)  # host sync (with the next line's)
         means = ddp.all_reduce_mean(torch.stack(list(self.sums.values())).div_(self.steps)).tolist()  # host sync
         values = dict(zip(self.sums, means))
         self.last_losses = values

@@ -17,7 +17,23 @@ import torch
 
 from iecl.pipeline.errors import UserError
 
-FORMAT = 1
+#: The checkpoint schema's version. 2 added `bad_files` (the unreadable images
+#: met so far, so the count survives a resume); 1 is still read (no bad files).
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+
+_TENSOR, _NUMBER = torch.Tensor, (int, float)
+#: What every checkpoint holds, and of which type: checked on every load, so a
+#: file that unpickles but lacks a key fails in one line naming it, not later
+#: in a traceback.
+SCHEMA = {
+    "format": int, "step": int, "epoch": int, "batch_in_epoch": int, "world_size": int,
+    "method": dict, "optimizer": dict, "scaler": dict, "config": dict,
+    "rng": {"torch": _TENSOR, "numpy": {"keys": _TENSOR, "pos": int, "has_gauss": int, "cached_gaussian": _NUMBER},
+            "python": list, "python_gauss": (float, type(None))},
+    "dataset": {"root": str, "images": int},
+}
+ADDED_IN = {"bad_files": (2, list)}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -29,7 +45,10 @@ def save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as err:  # torch's zip writer reports a failed write (ENOSPC, EFBIG) this way
+                raise OSError(f"the write failed ({_first_line(err)}); is the disk full?") from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,11 +105,57 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways inside the unpickler
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's messages run to many lines
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {first})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an iecl checkpoint (format {FORMAT})")
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{path} is not an iecl checkpoint")
+    if state["format"] not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}; this iecl reads formats "
+                              f"{', '.join(map(str, READABLE_FORMATS))} (a newer iecl wrote it?)")
+    problem = _schema_problem(state, SCHEMA, "")
+    for key, (since, kind) in ADDED_IN.items():
+        if problem is None and state["format"] >= since:
+            problem = _schema_problem(state, {key: kind}, "")
+    if problem:
+        raise CheckpointError(f"{path} is not a complete iecl checkpoint (format {state['format']}): {problem}")
+    state.setdefault("bad_files", [])
     return state
+
+
+def _schema_problem(value: dict, schema: dict, where: str) -> str | None:
+    """The first key of `schema` missing from `value` or of the wrong type, as
+    a phrase; None if it matches."""
+    for key, kind in schema.items():
+        name = f"{where}{key}"
+        if key not in value:
+            return f"{name} is missing"
+        if isinstance(kind, dict):
+            if not isinstance(value[key], dict):
+                return f"{name} is a {type(value[key]).__name__}, not a mapping"
+            problem = _schema_problem(value[key], kind, f"{name}.")
+            if problem:
+                return problem
+        elif not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            return f"{name} is a {type(value[key]).__name__}"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""  # torch's messages run to many lines
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the partial checkpoints (`.<name>.tmp-<pid>`) of writers that died
+    mid-write (a SIGKILL skips the cleanup). Call it holding the run's lock:
+    then no live writer can own one. -> the files removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.pt.tmp-*"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def rng_state() -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import shutil
 import subprocess
@@ -47,6 +48,40 @@ class OneOf:
         return list(getattr(importlib.import_module(self.module), self.attribute))
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key takes: `Annotated[float, Range(0, 1, hi_open=True)]`.
+    Every int and float key has one (a test checks), so a value outside what the
+    code can run (a negative seed, an lr of 1e300, a NaN lambda) is refused when
+    it is read, naming the key, instead of failing steps later."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    says: str = ""  # how the message words it ("positive", "in [0, 1)"); derived if empty
+
+    def check(self, key: str, value: float) -> None:
+        below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        above = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if below or above:
+            raise ConfigError(f"{key} must be {self.says or self._describe()}, got {value!r}")
+
+    def _describe(self) -> str:
+        if self.hi is None:
+            return f"{'more than' if self.lo_open else 'at least'} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+#: Most counts could be any non-negative integer; the cap keeps them in the
+#: int64 range every tensor and file offset they reach can hold.
+_BIG = 2**62
+COUNT = Range(0, _BIG, says="0 or more")
+POSITIVE_INT = Range(1, _BIG, says="positive")
+SEED = Range(0, 2**32 - 1, says="in [0, 4294967295] (the range NumPy's generators take)")
+UNIT = Range(0, 1, hi_open=True, says="in [0, 1)")
+
+
 BACKENDS = OneOf("iecl.pipeline", "BACKENDS")
 RECIPES = OneOf("iecl.pipeline.augment", "RECIPES")
 BACKBONES = OneOf("iecl.model.resnet", "BACKBONES")
@@ -60,22 +95,22 @@ VIEW_PREP_IMPLS = OneOf("iecl.kernels.view_prep", "IMPLS")
 class RunConfig:
     name: str = ""  # "" -> "<method>-<backbone>"; a timestamp is appended
     out_dir: str = "runs"
-    seed: int = 42
+    seed: Annotated[int, SEED] = 42
 
 
 @dataclass
 class DataConfig:
     backend: Annotated[str, BACKENDS] = "pil"
     root: str = ""  # folder, file list, tar shard(s), or .beton (ffcv); "" -> synthetic, made once and reused
-    synthetic_images: int = 512
-    synthetic_classes: int = 8
+    synthetic_images: Annotated[int, POSITIVE_INT] = 512
+    synthetic_classes: Annotated[int, Range(1, 1_000_000, says="in [1, 1000000]")] = 8
     synthetic_cache: str = "~/.cache/iecl"
-    image_size: int = 64  # side of both square views
+    image_size: Annotated[int, Range(32, 8192, says="at least 32 (and at most 8192)")] = 64  # side of both square views
     recipe: Annotated[str, RECIPES] | None = None  # None -> the method's own (Method.recipe)
-    crop_scale: tuple[float, float] | None = None  # None -> the recipe's own
-    workers: int = 2
+    crop_scale: tuple[Annotated[float, Range(0, 1, lo_open=True)], Annotated[float, Range(0, 1, lo_open=True)]] | None = None  # None -> the recipe's own
+    workers: Annotated[int, Range(0, 4096, says="0 or more")] = 2
     decode: Literal["shared", "window"] = "shared"  # dali: one full decode per image, or a windowed decode per view
-    max_bad_images: int = 100  # unreadable images replaced (and reported) before a run gives up
+    max_bad_images: Annotated[int, COUNT] = 100  # unreadable images replaced (and reported) before a run gives up
 
 
 @dataclass
@@ -91,9 +126,9 @@ class DaliConfig:
 class ModelConfig:
     backbone: Annotated[str, BACKBONES] = "resnet18"
     spectral_norm: bool | None = None  # None -> the method's own: true for iecl (entropy preservation), else false
-    projector_hidden: int = 512
-    projector_out: int = 128
-    predictor_hidden: int | None = None  # byol, simsiam: predictor MLP width; None -> the method's own
+    projector_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] = 512
+    projector_out: Annotated[int, Range(1, 1 << 20, says="positive")] = 128
+    predictor_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] | None = None  # byol, simsiam: predictor MLP width; None -> the method's own
 
 
 @dataclass
@@ -103,21 +138,21 @@ class MethodConfig:
     method does not take is ignored, with a warning."""
 
     name: Annotated[str, METHODS] = "iecl"
-    momentum: float | None = None  # EMA of the target encoder; byol: its start (cosine schedule to 1)
-    tau: float | None = None  # temperature of the contrastive loss
-    queue_size: int | None = None  # mocov2: negatives kept from earlier batches
+    momentum: Annotated[float, UNIT] | None = None  # EMA of the target encoder; byol: its start (cosine schedule to 1)
+    tau: Annotated[float, Range(0, 1e3, lo_open=True, says="positive (and at most 1000)")] | None = None  # temperature of the contrastive loss
+    queue_size: Annotated[int, Range(1, 1 << 40, says="positive")] | None = None  # mocov2: negatives kept from earlier batches
     symmetric: bool | None = None  # mocov2: both directions (each key enqueued once); its paper uses one
-    lambda_entropy: float | None = None  # iecl: lambda
-    beta_kl: float | None = None  # iecl: beta
+    lambda_entropy: Annotated[float, Range(0, 1e6, says="0 or more")] | None = None  # iecl: lambda
+    beta_kl: Annotated[float, Range(0, 1e6, says="0 or more")] | None = None  # iecl: beta
     entropy: Annotated[str, ENTROPY_ESTIMATORS] | None = None  # iecl: the entropy estimator
-    coding_rate_eps: float | None = None  # iecl: eps of the coding-rate estimator
+    coding_rate_eps: Annotated[float, Range(0, 1e6, lo_open=True, says="positive")] | None = None  # iecl: eps of the coding-rate estimator
 
 
 @dataclass
 class SAIBConfig:
     enabled: bool = True
-    patch_size: int = 16
-    weight_decay: float = 1e-4  # gamma
+    patch_size: Annotated[int, Range(1, 8192, says="positive")] = 16
+    weight_decay: Annotated[float, Range(0, 1e3, says="0 or more")] = 1e-4  # gamma
 
 
 @dataclass
@@ -131,39 +166,39 @@ class KernelsConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "lars", "sgd"] = "adamw"
-    lr: float = 4e-3  # per 256 images when lr_scaling is linear
+    lr: Annotated[float, Range(0, 1e3, lo_open=True, says="positive (and at most 1000)")] = 4e-3  # per 256 images when lr_scaling is linear
     lr_scaling: Literal["linear", "none"] = "linear"
-    weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)  # LARS and SGD use betas[0] as their momentum
-    warmup_epochs: float = 0.5
-    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    weight_decay: Annotated[float, Range(0, 1e3, says="0 or more")] = 1e-5
+    betas: tuple[Annotated[float, UNIT], Annotated[float, UNIT]] = (0.9, 0.999)  # LARS and SGD use betas[0] as their momentum
+    warmup_epochs: Annotated[float, Range(0, 1e6, says="0 or more")] = 0.5
+    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.0  # cosine ends at lr * min_lr_ratio
     impl: Literal["auto", "torch", "apex"] = "auto"
 
 
 @dataclass
 class EvalConfig:
     diagnostics: bool = True  # effective rank, Renyi-2 entropy, InfoNCE MI bound of each logged step
-    knn_every: int = 0  # epochs between kNN monitor evaluations (0: off); also run at the end when on
+    knn_every: Annotated[int, Range(0, _BIG, says="0 (off) or positive")] = 0  # epochs between kNN monitor evaluations (0: off); also run at the end when on
     knn_data: str = ""  # labelled data: a folder with train/ and val/, or one split by val_fraction; "" -> data.root
-    knn_k: int = 200
-    knn_tau: float = 0.1
-    knn_max_images: int = 20000  # cap on the monitor's train-set images (a fixed random subset); 0: all
-    val_fraction: float = 0.1  # held out for validation when the data has no train/ and val/ folders
+    knn_k: Annotated[int, POSITIVE_INT] = 200
+    knn_tau: Annotated[float, Range(0, 1e3, lo_open=True, says="positive")] = 0.1
+    knn_max_images: Annotated[int, Range(0, _BIG, says="0 (all) or positive")] = 20000  # cap on the monitor's train-set images (a fixed random subset); 0: all
+    val_fraction: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.1  # held out for validation when the data has no train/ and val/ folders
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # per device
-    epochs: int = 3
-    max_steps: int = 0  # 0: no limit; otherwise stop (and end the schedule) there
+    batch_size: Annotated[int, Range(2, 1 << 20, says="at least 2 (in-batch negatives)")] = 32  # per device
+    epochs: Annotated[int, Range(1, 1 << 30, says="at least 1")] = 3
+    max_steps: Annotated[int, Range(0, _BIG, says="0 (no limit) or positive")] = 0  # 0: no limit; otherwise stop (and end the schedule) there
     device: Literal["auto", "cuda", "cpu"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
     channels_last: bool = True
-    log_every: int = 4  # steps
-    checkpoint_every: int = 100  # steps between last.pt writes; also written at the end and on a stop
-    keep_checkpoints: int = 0  # periodic snapshots step-<N>.pt kept besides last.pt (0: none)
-    max_nonfinite: int = 10  # consecutive steps with a non-finite loss skipped before the run stops
+    log_every: Annotated[int, POSITIVE_INT] = 4  # steps
+    checkpoint_every: Annotated[int, Range(0, _BIG, says="0 (only at the end) or positive")] = 100  # steps between last.pt writes; also written at the end and on a stop
+    keep_checkpoints: Annotated[int, COUNT] = 0  # periodic snapshots step-<N>.pt kept besides last.pt (0: none)
+    max_nonfinite: Annotated[int, COUNT] = 10  # consecutive steps with a non-finite loss skipped before the run stops
     sync_bn: bool = False  # under torchrun: the encoders' BatchNorms normalise over the global batch (GPUs)
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on GPUs, gloo on CPUs
 
@@ -219,6 +254,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         for check in metadata:
             if isinstance(check, OneOf) and value not in check.names():
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(check.names())}")
+            if isinstance(check, Range):
+                check.check(key, value)
         return value
     if origin is Literal:
         if value not in args:
@@ -244,7 +281,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
+        if not math.isfinite(value):  # .inf, .nan: no key means "unbounded" or "undefined"
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return value
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -309,9 +352,27 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config ({', '.join(names)})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain
+    YAML keeps the last silently, so a setting would vanish without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     except OSError as err:
@@ -391,17 +452,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     and there is no global-batch key, so no batch has to divide by the world
     size; the global batch is batch_size x world_size."""
     resolve_method_defaults(cfg)
-    d, t, o, m, s = cfg.data, cfg.train, cfg.optim, cfg.method, cfg.saib
-    _require(t.batch_size >= 2, f"train.batch_size must be at least 2 (in-batch negatives), got {t.batch_size}")
-    _require(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
-    _require(t.max_steps >= 0, f"train.max_steps must be 0 (no limit) or positive, got {t.max_steps}")
-    _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
-    _require(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be 0 or more, got {t.keep_checkpoints}")
-    _require(t.max_nonfinite >= 0, f"train.max_nonfinite must be 0 or more, got {t.max_nonfinite}")
-    _require(t.checkpoint_every >= 0, f"train.checkpoint_every must be 0 (only at the end) or positive, got {t.checkpoint_every}")
-    _require(d.image_size >= 32, f"data.image_size must be at least 32, got {d.image_size}")
-    _require(d.workers >= 0, f"data.workers must be 0 or more, got {d.workers}")
-    _require(d.max_bad_images >= 0, f"data.max_bad_images must be 0 or more, got {d.max_bad_images}")
+    _check_values(cfg)
+    d, t, s = cfg.data, cfg.train, cfg.saib
+    name = cfg.run.name
+    _require(name == "" or (name not in (".", "..") and Path(name).name == name and "\\" not in name and "\0" not in name),
+             f"run.name must be one folder name (no path separators, not . or ..), got {name!r}; "
+             "put the folder's location in run.out_dir")
     if d.root.endswith(".beton"):
         _require(d.backend == "ffcv", f"data.root {d.root} is an FFCV file: set data.backend=ffcv")
     elif d.root and d.backend == "ffcv":
@@ -414,7 +470,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         lo, hi = d.crop_scale
         _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(d.crop_scale)}")
     if not d.root:
-        _require(d.synthetic_classes >= 1, "data.synthetic_classes must be at least 1")
         per_ranks = f" x {world_size} ranks" if world_size > 1 else ""
         _require(
             d.synthetic_images >= t.batch_size * world_size,
@@ -422,37 +477,25 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             f"{per_ranks}",
         )
     if s.enabled:
-        _require(s.patch_size >= 1, f"saib.patch_size must be positive, got {s.patch_size}")
+        _require(
+            cfg.kernels.saib_impl != "triton" or s.patch_size % 4 == 0,
+            f"kernels.saib_impl=triton takes saib.patch_size in multiples of 4 (a row tile of its GEMMs stays inside "
+            f"one patch), got {s.patch_size}; use another patch size or kernels.saib_impl=reference",
+        )
         _require(
             d.image_size % s.patch_size == 0,
             f"saib.patch_size {s.patch_size} must divide data.image_size {d.image_size}; "
             f"try saib.patch_size={_largest_divisor(d.image_size, s.patch_size)}",
         )
-    _require(s.weight_decay >= 0, f"saib.weight_decay must be 0 or more, got {s.weight_decay}")
-    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    _require(o.weight_decay >= 0, f"optim.weight_decay must be 0 or more, got {o.weight_decay}")
-    _require(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {list(o.betas)}")
-    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be 0 or more, got {o.warmup_epochs}")
-    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
-    if m.momentum is not None:
-        _require(0 <= m.momentum < 1, f"method.momentum must lie in [0, 1), got {m.momentum}")
-    if m.tau is not None:
-        _require(m.tau > 0, f"method.tau must be positive, got {m.tau}")
-    if m.queue_size is not None:
-        _require(m.queue_size >= 1, f"method.queue_size must be positive, got {m.queue_size}")
-    if cfg.model.predictor_hidden is not None:
-        _require(cfg.model.predictor_hidden >= 1, "model.predictor_hidden must be positive")
-    e = cfg.eval
-    _require(e.knn_every >= 0, f"eval.knn_every must be 0 (off) or positive, got {e.knn_every}")
-    _require(e.knn_k >= 1, f"eval.knn_k must be positive, got {e.knn_k}")
-    _require(e.knn_tau > 0, f"eval.knn_tau must be positive, got {e.knn_tau}")
-    _require(e.knn_max_images >= 0, f"eval.knn_max_images must be 0 (all) or positive, got {e.knn_max_images}")
-    _require(0 < e.val_fraction < 1, f"eval.val_fraction must lie in (0, 1), got {e.val_fraction}")
-    if m.coding_rate_eps is not None:
-        _require(m.coding_rate_eps > 0, f"method.coding_rate_eps must be positive, got {m.coding_rate_eps}")
-    for key in ("projector_hidden", "projector_out"):
-        _require(getattr(cfg.model, key) >= 1, f"model.{key} must be positive")
     return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    """Every value through its key's type and range again: values set in code
+    (and the methods' own defaults) get the same checks as those read from YAML."""
+    for section, cls in _fields(Config).items():
+        for key, annotation in _fields(cls).items():
+            _coerce(f"{section}.{key}", getattr(getattr(cfg, section), key), annotation)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

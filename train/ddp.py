@@ -263,6 +263,15 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values.div_(world_size())
 
 
+def union_over_ranks(items: list[str]) -> list[str]:
+    """The sorted union of every rank's `items` (all ranks call it together)."""
+    if not initialized():
+        return sorted(set(items))
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, items)
+    return sorted({item for part in gathered for item in part})
+
+
 def log_prefix() -> str:
     """'iecl pretrain: ' on rank 0 and in one process, 'iecl pretrain: rank N: ' elsewhere."""
     return "iecl pretrain: " + (f"rank {rank()}: " if initialized() and not is_main() else "")

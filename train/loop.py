@@ -20,8 +20,7 @@ data error), and only rank 0 writes files or prints.
 
 from __future__ import annotations
 
-import signal
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,11 +37,14 @@ from iecl.train.eval.monitor import knn_splits
 from iecl.train.eval.splits import LabelledSplits
 from iecl.train.factory import loader_spec, method_from_config
 from iecl.train.faults import NonFiniteGuard, NonFiniteLoss
+from iecl.train.memory import check_fits
 from iecl.train.optim import build_optimizer, scaled_lr
 from iecl.train.run_dir import check_run_dir
+from iecl.train.signals import StopRequest
 from iecl.train.step import DTYPES, Schedule, Step, autocast_for
 
-__all__ = ["DTYPES", "Position", "Summary", "build", "build_model", "build_step", "planned_steps", "pretrain"]
+__all__ = ["DTYPES", "Position", "Prepared", "Summary", "build", "build_model", "build_step", "planned_steps", "prepare",
+           "pretrain"]
 
 
 def build_model(cfg: Config, device: torch.device, *, world_size: int | None = None):
@@ -88,32 +90,6 @@ def planned_steps(cfg: Config, num_images: int, world_size: int = 1) -> int:
     return total_steps(cfg, len(EpochBatchSampler(num_images, cfg.train.batch_size, cfg.run.seed, 0, world_size)))
 
 
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (and save);
-    a second SIGINT interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    @contextmanager
-    def installed(self):
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for s in previous:
-                signal.signal(s, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            previous = {}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
 def build_step(cfg: Config, method: Method, optimizer, scaler, base_lr: float, steps_per_epoch: int,
                device: torch.device, *, model: nn.Module | None = None, total: int | None = None,
                report: bool = True) -> Step:
@@ -126,6 +102,41 @@ def build_step(cfg: Config, method: Method, optimizer, scaler, base_lr: float, s
                 NonFiniteGuard(cfg.train.max_nonfinite, report=report), cfg.data.max_bad_images, ddp.world_size())
 
 
+@dataclass
+class Prepared:
+    """Everything a run needs before it writes anything: built, and restored
+    from the checkpoint if resuming (so a checkpoint that does not fit is
+    refused before the run folder changes)."""
+
+    device: torch.device
+    world_size: int
+    method: Method
+    loader: object
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    base_lr: float
+    pos: Position
+    resumed: bool
+    bad_files: list[str]  # unreadable images met before this session (from the checkpoint)
+
+
+def prepare(cfg: Config, images: ImageList | BetonFile, state: dict | None = None) -> Prepared:
+    """Build the run of `cfg` and restore `state` into it; a `ConfigError`
+    if one step cannot fit in the device's memory, a `CheckpointError` if the
+    checkpoint does not fit the configuration. Close `.loader` if the run
+    does not go on to `pretrain`."""
+    device, world = ddp.training_device(cfg), ddp.world_size()
+    check_fits(cfg, device)
+    method, loader, optimizer, scaler, base_lr = build(cfg, images, device, rank=ddp.rank(), world_size=world)
+    try:
+        pos = _restore(state, cfg, method, optimizer, scaler, world) if state is not None else Position()
+    except BaseException:
+        loader.close()
+        raise
+    bad = list(state.get("bad_files", [])) if state is not None else []
+    return Prepared(device, world, method, loader, optimizer, scaler, base_lr, pos, state is not None, bad)
+
+
 def pretrain(
     cfg: Config,
     run_dir: Path,
@@ -134,8 +145,10 @@ def pretrain(
     progress: bool = True,
     knn: LabelledSplits | None = None,
     after_step=None,
+    prepared: Prepared | None = None,
 ) -> Summary:
-    """Train `cfg` into `run_dir`, continuing from checkpoint `state` if given.
+    """Train `cfg` into `run_dir`, continuing from checkpoint `state` if given
+    (or from `prepared`, made by `prepare(cfg, images, state)`).
     `knn`: the kNN monitor's data (`train.eval.monitor.knn_splits`), found here if not given.
     `after_step(position, method, batch)`: called after every step, skipped or
     not (for tests and tools that watch training).
@@ -143,21 +156,28 @@ def pretrain(
     Under a process group every rank calls this with the same arguments (and
     the same `state`): each trains on its shard; rank 0 alone writes the
     metrics and checkpoints into `run_dir` and shows the progress bar."""
-    device, world = ddp.training_device(cfg), ddp.world_size()
-    knn = knn_splits(cfg, images) if knn is None else knn
-    method, loader, optimizer, scaler, base_lr = build(cfg, images, device, rank=ddp.rank(), world_size=world)
-    pos = _restore(state, method, optimizer, scaler, world) if state is not None else Position()
-    for line in ddp.from_main(lambda: check_run_dir(run_dir, ckpt.estimate_bytes(method, optimizer, cfg.optim.name),
-                                                    cfg.train.keep_checkpoints)):
-        if ddp.is_main():
-            ddp.warn(line)
-    if cfg.train.compile:
-        method.compile_encoders()
-    step = build_step(cfg, method, optimizer, scaler, base_lr, len(loader), device, model=ddp.wrap(method, device),
-                      report=ddp.is_main())
-    book = Bookkeeping(Training(cfg, images, method, optimizer, scaler, world), run_dir, loader, pos,
-                       resumed=state is not None, total=step.schedule.total_steps, steps_per_epoch=len(loader),
-                       device=device, knn=knn, progress=progress, faults=step.faults)
+    p = prepared if prepared is not None else prepare(cfg, images, state)
+    method, loader, optimizer, scaler, device, world, pos = (p.method, p.loader, p.optimizer, p.scaler, p.device,
+                                                              p.world_size, p.pos)
+    try:
+        knn = knn_splits(cfg, images) if knn is None else knn
+        for line in ddp.from_main(lambda: check_run_dir(run_dir, ckpt.estimate_bytes(method, optimizer, cfg.optim.name),
+                                                        cfg.train.keep_checkpoints)):
+            if ddp.is_main():
+                ddp.warn(line)
+        if cfg.train.compile:
+            method.compile_encoders()
+        step = build_step(cfg, method, optimizer, scaler, p.base_lr, len(loader), device,
+                          model=ddp.wrap(method, device), report=ddp.is_main())
+        # A folder that had logs but no checkpoint (stopped before its first) starts afresh: its old rows go.
+        trim = pos.step if p.resumed or (run_dir / "metrics.jsonl").exists() else None
+        book = Bookkeeping(Training(cfg, images, method, optimizer, scaler, world), run_dir, loader, pos,
+                           resumed=p.resumed, total=step.schedule.total_steps, steps_per_epoch=len(loader),
+                           device=device, knn=knn, progress=progress, faults=step.faults, trim_logs_after=trim,
+                           known_bad=p.bad_files)
+    except BaseException:
+        loader.close()
+        raise
     stop = StopRequest()
     method.train()
     try:
@@ -175,7 +195,7 @@ def pretrain(
                     book.log_save_evaluate(outcome)
                     if book.done():
                         break
-        book.save_if_unsaved()
+            book.save_if_unsaved()  # a stop signal now still finds the loop's handler: the save completes
     except (DataError, NonFiniteLoss) as err:
         if pos.step > book.last_saved:
             book.save()  # skipped steps changed no weights: these are the weights from before the fault
@@ -211,7 +231,28 @@ def _batches(loader):
             close()  # a generator left early stops its workers now, not at garbage collection
 
 
-def _restore(state: dict, method: Method, optimizer, scaler, world_size: int = 1) -> Position:
+#: Keys that size the method's tensors: a resume cannot change them.
+SHAPING_KEYS = ("method.name", "model.backbone", "model.spectral_norm", "model.projector_hidden", "model.projector_out",
+                "model.predictor_hidden", "method.queue_size", "train.batch_size", "data.image_size", "saib.enabled",
+                "saib.patch_size")
+
+
+def _refuse_changed_shapes(saved: dict, cfg: Config) -> None:
+    now = cfg.to_dict()
+    for key in SHAPING_KEYS:
+        if key in ("train.batch_size", "saib.patch_size") and not (cfg.saib.enabled or saved["saib"].get("enabled")):
+            continue  # only SAIB's weights depend on these
+        section, name = key.split(".")
+        old, new = saved.get(section, {}).get(name), now[section][name]
+        if old is not None and old != new:
+            why = " (SAIB's weights are sized by the batch)" if key == "train.batch_size" else ""
+            raise ckpt.CheckpointError(
+                f"this resume changes {key} from {old} to {new}, which the checkpoint's weights cannot follow{why}; "
+                f"resume with {key}={old}, or start a new run"
+            )
+
+
+def _restore(state: dict, cfg: Config, method: Method, optimizer, scaler, world_size: int = 1) -> Position:
     made_by = state.get("world_size", 1)
     if made_by != world_size:
         raise ckpt.CheckpointError(
@@ -219,12 +260,14 @@ def _restore(state: dict, method: Method, optimizer, scaler, world_size: int = 1
             f"epoch counts batches of {made_by} ranks and its learning rate their global batch; resume with "
             f"{made_by} process(es) in all (torchrun --nnodes x --nproc_per_node)"
         )
+    _refuse_changed_shapes(state["config"], cfg)
     try:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ckpt.CheckpointError(
-            f"the checkpoint does not fit this configuration (changed model, batch or image size?): {err}"
+            f"the checkpoint does not fit this configuration (changed model, batch or image size?): {first}"
         ) from None
     scaler.load_state_dict(state["scaler"])
     ckpt.restore_rng(state["rng"])

@@ -8,9 +8,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
+from iecl.pipeline.errors import UserError
+
 NOT_SCALARS = ("step", "epoch", "time")
+
+
+class MetricsWriteError(UserError, OSError):
+    """metrics.jsonl cannot take a row (a full disk, a folder made read-only)."""
 
 
 class MetricsLog:
@@ -28,18 +35,29 @@ class MetricsLog:
         self.wandb = _start_wandb(Path(run_dir), wandb, config) if wandb is not None else None
 
     def _drop_after(self, step: int) -> None:
-        """Rows logged after the checkpoint belong to steps that will run again."""
+        """Rows logged after the checkpoint belong to steps that will run again;
+        a line that is not a whole row (a write cut short by a full disk or a
+        kill) is dropped too, with a warning, so the log stays readable."""
         if not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
+        rows, damaged = _rows(self.path.read_bytes())
+        if damaged:
+            print(f"iecl: warning: {self.path}: dropped {damaged} damaged line(s) (a write cut short by a full disk "
+                  "or a kill); the rows before and after are kept", file=sys.stderr)
+        kept = [line for line, row in rows if row.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:  # one write per row: a failure leaves at most one partial last line, dropped on resume
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise MetricsWriteError(
+                f"cannot append step {row.get('step')}'s row to {self.path}: {err.strerror or err}; "
+                f"free space (or fix the folder) and continue with --resume {self.path.parent}"
+            ) from None
         scalars = {k: v for k, v in row.items() if k not in NOT_SCALARS and isinstance(v, (int, float))}
         for key, value in scalars.items():
             self.tb.add_scalar(key, value, row["step"])
@@ -47,7 +65,10 @@ class MetricsLog:
             self.wandb.log({**scalars, "epoch": row.get("epoch")}, step=row["step"])
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the buffered rest of a row whose write already failed (and was reported)
+            pass
         self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
@@ -63,5 +84,24 @@ def _start_wandb(run_dir: Path, log, config: dict | None):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The logged rows (a damaged line, from an interrupted write, left out)."""
+    rows, _ = _rows((Path(run_dir) / "metrics.jsonl").read_bytes())
+    return [row for _, row in rows]
+
+
+def _rows(data: bytes) -> tuple[list[tuple[str, dict]], int]:
+    """metrics.jsonl's bytes -> ([(line, row)], how many lines are not whole rows)."""
+    rows, damaged = [], 0
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            damaged += 1
+            continue
+        if isinstance(row, dict):
+            rows.append((raw.decode("utf-8"), row))
+        else:
+            damaged += 1
+    return rows, damaged

@@ -26,20 +26,43 @@ def create_run_dir(cfg: Config) -> Path:
     base = Path(cfg.run.out_dir).expanduser()
     name = cfg.run.name or f"{cfg.method.name}-{cfg.model.backbone}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    # Made under a hidden name with its config.yaml, then renamed: a folder of this
+    # name is a run folder (one --resume can start) from its first moment, even if
+    # the process is killed while making it.
+    staging = base / f".{name}-{stamp}.new-{os.getpid()}"
     try:
         base.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        _write(staging / "config.yaml", dump_yaml(cfg))
         for k in range(1000):
             path = base / (f"{name}-{stamp}" + (f"-{k}" if k else ""))
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
+            if path.exists():
                 continue
+            try:
+                os.rename(staging, path)  # fails if another process took the name meanwhile
+                return path
+            except OSError:
+                if not path.exists():
+                    raise
+        shutil.rmtree(staging, ignore_errors=True)
     except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
         raise RunDirError(
             f"cannot create a run directory under {base}: {err.strerror}; set run.out_dir to a writable folder"
         ) from None
     raise RunDirError(f"too many runs named {name}-{stamp} in {base}")
+
+
+def discard_if_unstarted(run_dir: Path) -> bool:
+    """Remove a new run's folder whose start failed: no checkpoint and no
+    logged step in it (what a failed start leaves, nothing worth keeping).
+    A folder with either is kept. -> whether it was removed."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / "last.pt").exists() or (metrics.exists() and metrics.stat().st_size):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
 
 
 def write_run_files(run_dir: Path, cfg: Config, info: dict, resumed: bool) -> None:
@@ -98,18 +121,19 @@ def check_run_dir(run_dir: Path, checkpoint_bytes: int, keep_checkpoints: int = 
     need = checkpoint_bytes * (1 if (run_dir / "last.pt").exists() else 2)
     if free < need:
         raise RunDirError(
-            f"the file system of {run_dir} has {_size(free)} free, but a checkpoint of this run takes about "
-            f"{_size(checkpoint_bytes)} and the atomic write needs room for two ({_size(need)} more): "
+            f"the file system of {run_dir} has {size_text(free)} free, but a checkpoint of this run takes about "
+            f"{size_text(checkpoint_bytes)} and the atomic write needs room for two ({size_text(need)} more): "
             "free some space or set run.out_dir to a folder on another file system"
         )
     later = need + keep_checkpoints * checkpoint_bytes
     if free < later:
-        return [(f"{run_dir} has {_size(free)} free; keeping train.keep_checkpoints={keep_checkpoints} snapshots "
-                 f"of about {_size(checkpoint_bytes)} each may fill it (lower train.keep_checkpoints)")]
+        return [(f"{run_dir} has {size_text(free)} free; keeping train.keep_checkpoints={keep_checkpoints} snapshots "
+                 f"of about {size_text(checkpoint_bytes)} each may fill it (lower train.keep_checkpoints)")]
     return []
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes as B, KB, MB or GB, for messages."""
     if n < 1024:
         return f"{n:.0f} B"
     for unit in ("KB", "MB"):

@@ -34,8 +34,12 @@ class CodingRateEntropy(nn.Module):
         gram = z.T @ z if d <= n else z @ z.T
         scale = d / (n * self.eps**2)
         eye = torch.eye(gram.shape[0], device=z.device, dtype=z.dtype)
-        chol = torch.linalg.cholesky(eye + scale * gram)
-        return torch.log(torch.diagonal(chol)).sum()  # 1/2 logdet = sum log diag(L)
+        # cholesky_ex: no host sync, and no exception when the matrix is not positive
+        # definite, which only non-finite embeddings (a diverged step) can make; the
+        # loss is then NaN and the non-finite guard skips the step like any other.
+        chol, info = torch.linalg.cholesky_ex(eye + scale * gram)
+        value = torch.log(torch.diagonal(chol)).sum()  # 1/2 logdet = sum log diag(L)
+        return torch.where(info == 0, value, torch.full_like(value, float("nan")))
 
 
 class Renyi2Entropy(nn.Module):

@@ -18,8 +18,8 @@ from iecl.train.cli.data import add_commands as add_data_commands
 from iecl.train.cli.eval import add_commands as add_eval_commands
 from iecl.train.cli.export import add_commands as add_export_commands
 from iecl.train.cli.mi import add_commands as add_mi_commands
-from iecl.train.cli.pretrain import EXIT_ON_SIGNAL
 from iecl.train.cli.pretrain import add_commands as add_pretrain_commands
+from iecl.train.signals import EXIT_ON_SIGNAL, Interrupted
 
 __all__ = ["EXIT_ON_SIGNAL", "main"]
 
@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None, extra_commands=()) -> int:
     except UserError as err:
         print(f"iecl {args.command}: {_rank_tag()}error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # pretrain's signals: a quiet exit, one line
+        print(f"iecl {args.command}: {_rank_tag()}{stop}", file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:  # Ctrl-C in any other command: nothing to save
+        print(f"iecl {args.command}: {_rank_tag()}interrupted", file=sys.stderr)
+        return EXIT_ON_SIGNAL["SIGINT"]
 
 
 def _rank_tag() -> str:

@@ -130,10 +130,11 @@ def _add_make_synthetic(commands) -> None:
         "make-synthetic", help="write a synthetic ImageNet-style JPEG folder",
         description=SYNTHETIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--images", type=int, required=True, metavar="N")
-    p.add_argument("--classes", type=int, required=True, metavar="K")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", metavar="DIR", help="the folder to write (DIR/<class>/<image>.JPEG)")
+    p.add_argument("--images", type=int, required=True, metavar="N", help="how many images in all")
+    p.add_argument("--classes", type=int, required=True, metavar="K",
+                   help="how many classes (folders); the images are dealt evenly among them")
+    p.add_argument("--seed", type=int, default=0, help="seeds the images' content (default 0)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it holds something else")

@@ -45,7 +45,7 @@ more classes) on the val images.
 
 {_DATA_HELP}
   iecl knn runs/iecl-resnet50-20261125-101500 --data /data/imagenet
-  iecl knn runs/smoke/last.pt --data /data/synthetic-10k --val-fraction 0.2 --json knn.json
+  iecl knn runs/iecl-resnet18-20261125-093000/last.pt --data /data/synthetic-10k --val-fraction 0.2 --json knn.json
 """
 
 LINEVAL_HELP = f"""\
@@ -65,7 +65,7 @@ size match (otherwise extracted again and the file replaced).
 
 {_DATA_HELP}
   iecl lineval runs/iecl-resnet50-20261125-101500 --data /data/imagenet --workers 16
-  iecl lineval runs/smoke --data /data/synthetic-10k --cached --feature-cache smoke-feats.pt --epochs 100
+  iecl lineval runs/iecl-resnet18-20261125-093000 --data /data/synthetic-10k --cached --feature-cache smoke-feats.pt --epochs 100
 """
 
 

@@ -53,7 +53,7 @@ DIR/val, used as they are), a file list or tar shards. Without a val/ folder,
 --val-fraction of the images (of each class, when labelled) is held out.
 
   iecl mi runs/iecl-resnet50-20261125-101500 --data /data/imagenet --views-per-image 8
-  iecl mi runs/smoke/last.pt --data /data/synthetic-10k --pairs class --json mi.json
+  iecl mi runs/iecl-resnet18-20261125-093000/last.pt --data /data/synthetic-10k --pairs class --json mi.json
 """
 
 #: default cap on images per split: features take images x V x feature width x 4 bytes
@@ -83,7 +83,8 @@ def add_commands(commands) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction held out when DIR has no val/ folder (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="split, augmentations, critic (default 0)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="seeds the split, augmentations and critic (default: the checkpoint's run.seed, as knn and lineval)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(run=run_mi)
@@ -98,6 +99,8 @@ def run_mi(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     method, cfg, state = load_pretrained(args.checkpoint, device)
     image_size = args.image_size or cfg.data.image_size
+    if args.seed is None:
+        args.seed = cfg.run.seed  # the run's own seed, as knn and lineval use
     train_images, val_images = mi_splits(args.data, args.val_fraction, args.seed, need_labels=args.pairs == "class")
     train_images, val_images = (heldout_cap(images, args.max_images, args.seed) for images in (train_images, val_images))
     k = _batch_size(args.batch_size, cfg.train.batch_size,

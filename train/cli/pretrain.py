@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from iecl.train.config import ConfigError
-
-EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+from iecl.train.signals import EXIT_ON_SIGNAL
 
 PRETRAIN_HELP = """\
 Pretrain an encoder with IE-CL (the default) or a baseline: method.name=mocov2,
@@ -50,10 +49,19 @@ def add_commands(commands) -> None:
                    "byol_r50, simsiam_r50) or a YAML file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (device and precision decided) and what would run, then exit")
     p.set_defaults(run=run_pretrain)
 
 
 def run_pretrain(args) -> int:
+    from iecl.train.signals import startup_signals
+
+    with startup_signals():  # from here on SIGINT/SIGTERM end start-up quietly (130/143), not with a traceback
+        return _run_pretrain(args)
+
+
+def _run_pretrain(args) -> int:
     import torch
 
     from iecl.train import checkpoint as ckpt
@@ -75,28 +83,35 @@ def run_pretrain(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_config(str(config_of_run(run_dir)), args.overrides)
-        state = ckpt.load(run_dir / "last.pt")  # every rank loads the same checkpoint
+        if (run_dir / "last.pt").exists():
+            state = ckpt.load(run_dir / "last.pt")  # every rank loads the same checkpoint
     else:
         cfg = load_config(args.config, args.overrides)
     validate(cfg, world or 1)
     cuda = torch.cuda.is_available()
     resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), world)
+    if args.print_config:
+        _print_config(cfg, run_dir, state, world)
+        return 0
     main_rank = launch is None or launch.rank == 0
     for line in runtime_warnings(cfg, world) if main_rank else ():
         print(f"iecl pretrain: warning: {line}", file=sys.stderr)
     with ddp.session(cfg, launch):
-        ddp.barrier()  # every rank has read config.yaml and last.pt: rank 0 may now rewrite them
         return _pretrain_session(args, cfg, state, run_dir, world)
 
 
 def _pretrain_session(args, cfg, state: dict | None, run_dir: Path | None, world: int | None) -> int:
-    """The run, once the process group (if any) is up; rank 0 alone creates and
-    writes the run directory and prints, and shares its failures with the others."""
+    """The run, once the process group (if any) is up; rank 0 alone creates,
+    locks and writes the run directory and prints, and shares its failures
+    with the others. Nothing is written until the run is built and the
+    checkpoint restored into it: a refused start or resume changes nothing."""
     from iecl.train import ddp
+    from iecl.train.checkpoint import remove_stale_temporaries
     from iecl.train.data import resolve_images
     from iecl.train.eval.monitor import knn_splits
-    from iecl.train.loop import planned_steps, pretrain
-    from iecl.train.run_dir import create_run_dir, write_run_files
+    from iecl.train.loop import planned_steps, prepare, pretrain
+    from iecl.train.run_dir import create_run_dir, discard_if_unstarted, write_run_files
+    from iecl.train.run_lock import RunLock
 
     main_rank = ddp.is_main()
     progress = not args.no_progress and main_rank
@@ -110,21 +125,60 @@ def _pretrain_session(args, cfg, state: dict | None, run_dir: Path | None, world
             f"with {state['dataset']['images']}; the data order from here on differs from the original run",
             file=sys.stderr,
         )
-    if run_dir is None:
-        run_dir = ddp.from_main(lambda: create_run_dir(cfg))
     if state is not None and state["step"] >= steps:
         if main_rank:
             print(f"iecl pretrain: {run_dir} is already complete ({state['step']} of {steps} steps); "
                   "raise train.epochs or train.max_steps to continue it")
         return 0
-    info = {"images": len(images), "data_root": images.root, **({"world_size": world} if world else {})}
-    ddp.from_main(lambda: write_run_files(run_dir, cfg, info, resumed=state is not None))
-    if main_rank:
-        _print_header(cfg, images, steps, run_dir, state, world)
-    summary = pretrain(cfg, run_dir, images, state, progress=progress, knn=knn)
+    new = run_dir is None
+    lock = None
+    prepared = None
+    try:
+        if not new:  # before the checkpoint is trusted: no other process trains here now
+            lock = RunLock(run_dir)
+            ddp.from_main(lock.acquire)
+            if main_rank and state is None:
+                print(f"iecl pretrain: {run_dir} has no checkpoint yet (it stopped before its first one): "
+                      "starting the run afresh in it", file=sys.stderr)
+        ddp.barrier()  # every rank has read config.yaml and last.pt: rank 0 may now rewrite them
+        prepared = prepare(cfg, images, state)
+        if new:
+            run_dir = ddp.from_main(lambda: create_run_dir(cfg))
+            lock = RunLock(run_dir)
+            ddp.from_main(lock.acquire)
+        ddp.from_main(lambda: remove_stale_temporaries(run_dir))  # of killed writers: we hold the lock
+        info = {"images": len(images), "data_root": images.root, **({"world_size": world} if world else {})}
+        ddp.from_main(lambda: write_run_files(run_dir, cfg, info, resumed=state is not None))
+        if main_rank:
+            _print_header(cfg, images, steps, run_dir, state, world)
+        summary = pretrain(cfg, run_dir, images, state, progress=progress, knn=knn, prepared=prepared)
+    except BaseException:
+        if prepared is not None:
+            prepared.loader.close()  # pretrain closes it too; a second close does nothing
+        if lock is not None and main_rank:
+            lock.release()
+            lock = None
+        if new and run_dir is not None and main_rank:
+            discard_if_unstarted(run_dir)  # a start that failed leaves no half-made run behind
+        raise
+    finally:
+        if lock is not None and main_rank:
+            lock.release()
     if main_rank:
         _print_summary(summary)
     return EXIT_ON_SIGNAL.get(summary.stopped_by, 0)
+
+
+def _print_config(cfg, run_dir: Path | None, state: dict | None, world: int | None) -> None:
+    """--print-config: the resolved configuration, as config.yaml would hold it, and what would run."""
+    from iecl.train.config import dump_yaml
+
+    where = (f"resume {run_dir} at step {state['step']}" if state else f"start {run_dir} afresh") if run_dir else "a new run"
+    ranks = f", {world} rank(s)" if world else ""
+    print(f"# iecl pretrain would {where}: {cfg.method.name} {cfg.model.backbone}"
+          f"{' +SAIB' if cfg.saib.enabled else ''}, data.backend={cfg.data.backend}, "
+          f"{cfg.train.device} {cfg.train.precision}{ranks}")
+    print(dump_yaml(cfg), end="")
 
 
 def _print_header(cfg, images, steps: int, run_dir: Path, state: dict | None, world: int | None = None) -> None:
@@ -142,10 +196,20 @@ def _print_header(cfg, images, steps: int, run_dir: Path, state: dict | None, wo
                  f"lr {scaled_lr(cfg.optim, t.batch_size * world):.3g} ({scaling})")
     print(
         f"iecl pretrain: {cfg.method.name} {m.backbone}{' +SAIB' if cfg.saib.enabled else ''} on {len(images)} images "
-        f"({images.root}), {t.device} {t.precision}, {batch}, {cfg.data.image_size}px, "
+        f"({images.root}, {_loader_text(cfg)}), {t.device} {t.precision}, {batch}, {cfg.data.image_size}px, "
         f"{steps} steps; {where} in {run_dir}",
         flush=True,
     )
+
+
+def _loader_text(cfg) -> str:
+    """Which loader feeds the run, as the header names it."""
+    d = cfg.data
+    if d.backend == "pil":
+        return f"loader pil, {d.workers} worker process(es)" if d.workers else "loader pil, in the training process"
+    if d.backend == "dali":
+        return f"loader dali, {d.decode} decode on the {'GPU' if cfg.train.device == 'cuda' else 'CPU'}"
+    return f"loader {d.backend}"
 
 
 def _print_summary(s) -> None:
@@ -162,6 +226,8 @@ def _print_summary(s) -> None:
         print(f"  final loss  {s.losses['loss']:.4f}" + (f" ({parts})" if parts else ""))
     if f and "effective_rank_query" in f:
         bound = f", InfoNCE MI bound {f['mi_bound']:.3f} of {f['mi_ceiling']:.3f} nats" if "mi_bound" in f else ""
+        if "mi_bound" in f and f["mi_bound"] < 0:  # MI is never negative: the bound is not yet informative
+            bound += " (negative, so vacuous: it says nothing about the MI yet)"
         print(f"  embeddings  effective rank {f['effective_rank_query']:.1f} (query), "
               f"Renyi-2 entropy {f['renyi2_query']:.3f}{bound}")
     if s.knn:
