@@ -188,7 +188,8 @@ def _result(cfg, rows: list[dict], images, steps: int, warmup: int, epoch_images
 
 
 NOISE_FLOOR = ("a difference is beyond noise only when the min-max ranges of the two timings' windows do not "
-               "overlap; a smaller one is printed as within noise (with one window there is no spread: not known)")
+               f"overlap; a smaller one is printed as within noise (with fewer than {stats.MIN_WINDOWS} windows: "
+               "not known)")
 
 
 def overheads(rows: list[dict]) -> dict:

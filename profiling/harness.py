@@ -85,6 +85,7 @@ class Laps:
 
     def begin(self) -> None:
         self._marks, self._step_ends = [("", self._now())], []
+        self._in_saib = False
         self.enabled = True
 
     def lap(self, stage: str) -> None:
@@ -94,9 +95,12 @@ class Laps:
             self._marks.append((stage, self._now()))
 
     def saib_reached(self, grad: torch.Tensor) -> None:
-        """A gradient hook on SAIB's output: the encoders' backward is done."""
-        self.lap("backward")
-        self._in_saib = True
+        """A gradient hook on SAIB's output: the encoders' backward is done.
+        Only while marking: a flag left set by an unmarked step (a warm-up)
+        would charge the next marked step's whole backward to SAIB."""
+        if self.enabled:
+            self.lap("backward")
+            self._in_saib = True
 
     def end_step(self) -> None:
         if self.enabled:

@@ -9,15 +9,19 @@ range (q1-q3, which one disturbed window does not move) and the min-max range
 The noise floor. Two figures differ beyond noise only when their min-max
 ranges do not overlap: a difference smaller than the spread is "within
 noise". A ratio or a percentage change of two figures carries the interval
-that the ranges allow (lowest over highest to highest over lowest). With a
-single window there is no spread to judge by, and the verdict is None
-("not known"), never a guess.
+that the ranges allow (lowest over highest to highest over lowest). With
+fewer than MIN_WINDOWS windows the range is no measure of the spread (two
+windows can agree by chance), and the verdict is None ("not known"), never
+a guess.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
+
+#: the fewest windows whose min-max range is taken as the spread
+MIN_WINDOWS = 3
 
 
 def summary(samples: Sequence[float]) -> dict:
@@ -54,15 +58,15 @@ def change_percent(base: dict, new: dict) -> dict:
 
 def beyond(interval: dict, null: float) -> bool | None:
     """Whether the interval lies wholly on one side of `null` (1 for a ratio, 0
-    for a change): True beyond noise, False within it, None with one window."""
-    if interval["n"] < 2:
+    for a change): True beyond noise, False within it, None with too few windows."""
+    if interval["n"] < MIN_WINDOWS:
         return None
     return interval["low"] > null or interval["high"] < null
 
 
 def within_noise(a: dict, b: dict) -> bool | None:
-    """Whether two figures' min-max ranges overlap (None: one window, no spread)."""
-    if min(a["n"], b["n"]) < 2:
+    """Whether two figures' min-max ranges overlap (None: too few windows to say)."""
+    if min(a["n"], b["n"]) < MIN_WINDOWS:
         return None
     return a["min"] <= b["max"] and b["min"] <= a["max"]
 
@@ -96,8 +100,8 @@ def fmt_short(s: dict, digits: int = 1, thousands: bool = False) -> str:
 
 def fmt_change(c: dict, digits: int = 1) -> str:
     """'+3.2% (-1.0 to +7.5%, within noise)'."""
-    if c["n"] < 2:
-        return f"{c['value']:+.{digits}f}% (one window: noise not known)"
+    if c["n"] < MIN_WINDOWS:
+        return f"{c['value']:+.{digits}f}% ({_too_few(c['n'])})"
     verdict = "beyond noise" if beyond(c, 0.0) else "within noise"
     return f"{c['value']:+.{digits}f}% ({c['low']:+.{digits}f} to {c['high']:+.{digits}f}%, {verdict})"
 
@@ -105,10 +109,14 @@ def fmt_change(c: dict, digits: int = 1) -> str:
 def fmt_ratio_percent(r: dict, digits: int = 0) -> str:
     """A ratio as a percentage with its interval: '98% (91-104%, within noise of 100%)'."""
     value = f"{100 * r['value']:.{digits}f}%"
-    if r["n"] < 2:
-        return f"{value} (one window: noise not known)"
+    if r["n"] < MIN_WINDOWS:
+        return f"{value} ({_too_few(r['n'])})"
     verdict = "beyond noise" if beyond(r, 1.0) else "within noise of 100%"
     return f"{value} ({100 * r['low']:.{digits}f}-{100 * r['high']:.{digits}f}%, {verdict})"
+
+
+def _too_few(n: int) -> str:
+    return f"{n} window{'s' if n != 1 else ''}: noise not known, {MIN_WINDOWS} or more judge it"
 
 
 def error_bar(s: dict) -> tuple[float, float]:

@@ -107,6 +107,21 @@ def test_profile_breakdown_adds_up_to_the_step(tiny_data):
     assert "parts / wall clock per window" in format_report(r)
 
 
+def test_an_unmarked_step_leaves_no_saib_state_behind():
+    """A warm-up step runs with the marks off; the first marked step after it
+    must still split its backward at SAIB (it once charged all of it to SAIB)."""
+    import itertools
+
+    from iecl.profiling.harness import run_steps
+
+    cfg = _cfg("saib.enabled=true")
+    h = build_harness(cfg)
+    source = itertools.cycle(resident_views(cfg, h.device))
+    run_steps(h, source, 1)  # unmarked, as the warm-up
+    _, (marked,) = run_steps(h, source, 1, first_step=1, laps=True)
+    assert "backward" in marked and "saib_bwd" in marked
+
+
 def test_profile_stages_follow_the_method():
     """No SAIB: no SAIB stages; SimCLR has no target encoder."""
     cfg = _cfg("method.name=simclr", "saib.enabled=false")
@@ -214,6 +229,7 @@ def test_the_noise_floor_is_the_spread():
     a, b, far = stats.summary([10, 11, 12]), stats.summary([11.5, 12.5, 13]), stats.summary([20, 21, 22])
     assert stats.within_noise(a, b) is True and stats.within_noise(a, far) is False
     assert stats.within_noise(stats.summary([10]), far) is None  # one window: no spread to judge by
+    assert stats.within_noise(stats.summary([10, 10.1]), stats.summary([20, 20.1])) is None  # two: too few
     change = stats.change_percent(a, b)  # medians 11 -> 12.5, ranges overlap
     assert change["value"] == pytest.approx(100 * 1.5 / 11)
     assert change["low"] < 0 < change["high"] and stats.beyond(change, 0.0) is False
