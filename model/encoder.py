@@ -1,11 +1,44 @@
-"""Backbone + projector, and the momentum (EMA) copy of it."""
+"""Backbone + projector, and the momentum (EMA) copy of it.
+
+An encoder's forward runs in three parts, so that a compiled encoder has one
+graph per grad mode (torch.compile guards on the dtype and `requires_grad` of
+its inputs, and the SAIB view needs an input gradient where the anchor does not):
+
+    tensors   the backbone's spectral-normalised weights, once per step
+              (model/spectral.py), beside every other parameter and buffer
+    stem      the first convolution, eager: the only op whose input may
+              need a gradient (the SAIB view's); its output needs one in
+              grad mode whichever view came in
+    trunk     the rest of the backbone and the projector: a plain copy of
+              this network run on `tensors` (`torch.func.functional_call`);
+              this part is what `compile()` compiles
+
+The numbers are those of `projector(backbone(x))`: the same operations on the
+same tensors (the parametrisation's own code computes W / sigma).
+"""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+
+from iecl.model import spectral
+
+
+class _Trunk(nn.Module):
+    """What runs after the stem convolution: the rest of the backbone, the projector."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone.forward_from_stem_conv(h))
 
 
 class Encoder(nn.Module):
@@ -13,10 +46,61 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        # Kept out of the module tree (no state, not moved by .to(), not seen by DDP):
+        # the plain meta copy the trunk runs as, built at the first forward from the
+        # modules as they are then, and the trunk's runner (compiled by `compile`).
+        self.__dict__["_skeleton"] = None
+        self.__dict__["_run"] = self._run_trunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> embeddings (B, out_dim)."""
-        return self.projector(self.backbone(x))
+        tensors = self.step_tensors()
+        stem = self.backbone.stem[0]
+        h = F.conv2d(x, tensors["backbone.stem.0.weight"], None, stem.stride, stem.padding, stem.dilation, stem.groups)
+        self._prepare_skeleton()
+        return self._run(tensors, h)
+
+    def step_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the plain network runs on, by its name there: W / sigma
+        for each spectral-normalised convolution (once per `once_per_step`
+        scope), the other parameters and buffers as they are."""
+        cache = spectral.step_cache()
+        if cache is not None and id(self) in cache:
+            return cache[id(self)]
+        tensors = {name: t for name, t in self.named_parameters() if ".parametrizations." not in name}
+        tensors.update((name, t) for name, t in self.named_buffers() if ".parametrizations." not in name)
+        tensors.update(spectral.normalised_weights(self.backbone, prefix="backbone."))
+        if cache is not None:
+            cache[id(self)] = tensors
+        return tensors
+
+    def _prepare_skeleton(self) -> None:
+        # Outside the compiled function: it sees one skeleton in one mode.
+        skeleton = self._skeleton
+        if skeleton is None:
+            skeleton = self.__dict__["_skeleton"] = spectral.plain_skeleton(_Trunk(self.backbone, self.projector))
+        if skeleton.training != self.training:
+            skeleton.train(self.training)
+
+    def _run_trunk(self, tensors: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._skeleton, tensors, (h,), strict=False)
+
+    def compile(self, **options) -> None:
+        """`torch.compile` the trunk (`options`: torch.compile's, e.g. backend);
+        the encoder module itself stays eager, so hooks on it (profiling's
+        marks) run outside the compiled graph. State_dict keys are unchanged."""
+        self.__dict__["_run"] = torch.compile(self._run_trunk, **options)
+
+    def __deepcopy__(self, memo):
+        # A copy (the momentum target) gets its own skeleton and an uncompiled runner.
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key not in ("_skeleton", "_run"):
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        clone.__dict__["_skeleton"] = None
+        clone.__dict__["_run"] = clone._run_trunk
+        return clone
 
 
 def momentum_copy(online: nn.Module) -> nn.Module:

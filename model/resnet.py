@@ -103,7 +103,13 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> pooled features (B, feature_dim)."""
-        x = self.stages(self.stem(x))
+        return self.forward_from_stem_conv(self.stem[0](x))
+
+    def forward_from_stem_conv(self, h: torch.Tensor) -> torch.Tensor:
+        """`forward` after the stem's convolution: (B, 64, H/2, W/2) -> (B, feature_dim).
+        The encoder runs that convolution apart (model/encoder.py)."""
+        _, bn, relu, pool = self.stem
+        x = self.stages(pool(relu(bn(h))))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 

@@ -115,7 +115,7 @@ class SAIB(nn.Module):
             from iecl.kernels.saib_function import saib_triton_uint8  # imports triton
 
             return saib_triton_uint8(query, mean, std, dtype, self.functional_params(), self.patch_size,
-                                     *self._bn_config())
+                                     *self._bn_config()).to(dtype)
         return self._forward_prepared(prepare_view_reference(query, mean, std, dtype))
 
     def functional_params(self) -> SAIBParams:
@@ -144,13 +144,17 @@ class SAIB(nn.Module):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         """The one reference is kernels/saib_reference.py's function, on this
         module's parameters and BatchNorm buffers; "compile" compiles it and
-        "triton" runs the fused kernels that are tested against it."""
+        "triton" runs the fused kernels that are tested against it. The output
+        has the input's dtype (the compute dtype): under autocast the fp32
+        positional embedding would promote it, and the encoders would see an
+        fp32 query beside a bf16 anchor (a second compiled graph; the stem's
+        convolution casts to bf16 under autocast either way)."""
         if self.impl == "triton" and self._triton_runs(x.device):
             from iecl.kernels.saib_function import saib_triton  # imports triton
 
-            return saib_triton(x, self.functional_params(), self.patch_size, *self._bn_config())
+            return saib_triton(x, self.functional_params(), self.patch_size, *self._bn_config()).to(x.dtype)
         fn = compiled_saib_reference() if self.impl == "compile" else saib_reference
-        return fn(x, self.functional_params(), self.patch_size, *self._bn_config())
+        return fn(x, self.functional_params(), self.patch_size, *self._bn_config()).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -109,3 +109,133 @@ def test_the_guard_reads_when_a_stop_could_be_due():
     assert guard.streak == 2 and guard._total == 2
     with pytest.raises(NonFiniteLoss, match=r"3 step\(s\) in a row \(steps 2 to 4"):
         guard.defer(nan, 3)
+
+
+# ----------------------------------------------------------------------------- spectral norm outside the graphs
+
+
+def _iecl(batch: int = 4, saib: bool = False):
+    from iecl.model.methods import build_method
+
+    torch.manual_seed(0)
+    return build_method("iecl", backbone="resnet18", projector_hidden=32, projector_out=16, batch_size=batch,
+                        image_size=32, saib=saib).train()
+
+
+@pytest.mark.slow
+def test_the_encoder_computes_what_the_parametrised_modules_compute():
+    """W / sigma outside the network, then the plain network on it: the same
+    embeddings, gradients, power-iteration vectors and BatchNorm statistics as
+    `projector(backbone(x))` through PyTorch's parametrisation."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from iecl.model.spectral import once_per_step
+
+    encoder = _iecl().online
+    twin = copy.deepcopy(encoder)
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    with parametrize.cached():
+        expected = sum(twin.projector(twin.backbone(v)).square().sum() for v in views)
+    with once_per_step():
+        actual = sum(encoder(v).square().sum() for v in views)
+    expected.backward()
+    actual.backward()
+    assert torch.equal(actual, expected)
+    for (name, a), b in zip(encoder.named_parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(encoder.named_buffers(), twin.buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_the_power_iteration_runs_once_per_step(tmp_path, monkeypatch):
+    """One power iteration per spectral-normalised convolution and encoder
+    (online, target) in a training step, although each encoder sees two views."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    from iecl.model.spectral import parametrized_convs
+
+    calls = []
+    power_method = _SpectralNorm._power_method
+    monkeypatch.setattr(_SpectralNorm, "_power_method", lambda self, *a: calls.append(id(self)) or power_method(self, *a))
+    cfg, method, step = _step(tmp_path, {"train": {"batch_size": 4}})
+    convs = {id(conv.parametrizations.weight[0]) for encoder in method.encoders().values()
+             for _, conv in parametrized_convs(encoder)}
+    assert len(convs) == 2 * 20  # ResNet-18: 20 convolutions, in the online and the target encoder
+    calls.clear()  # building ran each one's initial iterations
+    step(*_views(cfg, 1)[0], 0)
+    assert sorted(calls) == sorted(convs)
+
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+#: what a power iteration and sigma are made of: none of it may be in a compiled graph
+_SPECTRAL_OPS = {torch.mv, torch.vdot, torch.nn.functional.normalize, torch.Tensor.mv, torch.Tensor.vdot}
+
+
+def _recording_backend(role: str, log: list):
+    """aot_eager (AOTAutograd without Inductor: seconds, not minutes, on a CPU),
+    recording each graph it is given: which encoder, in which grad mode."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+        log.append({"role": role, "grad": torch.is_grad_enabled(), "spectral_ops": targets & _SPECTRAL_OPS})
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+@pytest.fixture(scope="module")
+def compiled_and_eager(tmp_path_factory):
+    """Two IE-CL + SAIB steps (bf16 autocast, LARS) compiled and eager from
+    the same weights and views, with every compiled graph recorded."""
+    from torch._dynamo.utils import counters
+
+    tmp = tmp_path_factory.mktemp("compile")
+    updates = {"optim": {"name": "lars"}, "train": {"batch_size": 4, "precision": "bf16"}}
+    torch._dynamo.reset()
+    counters.clear()
+    runs, log = {}, []
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        cfg, method, step = _step(tmp, updates)
+        if mode == "compiled":
+            for role, encoder in method.encoders().items():
+                encoder.compile(backend=_recording_backend(role, log))
+        losses = []
+        for i, (anchor, query) in enumerate(_views(cfg, 2, seed=1)):
+            losses.append({k: v.item() for k, v in step(anchor, query, i).losses.items()})
+        runs[mode] = {"losses": losses, "state": {k: v.float() for k, v in method.state_dict().items()
+                                                  if v.is_floating_point()}}
+    runs["graphs"], runs["unique_graphs"] = log, counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return runs
+
+
+@pytest.mark.slow
+def test_each_encoder_compiles_once_per_grad_mode(compiled_and_eager):
+    """Over two steps (the second on new W / sigma tensors): the online encoder one graph (grad mode; the anchor
+    without and the SAIB query with an input gradient), the target one (no
+    grad), no recompiles, no graph breaks, no spectral-norm code inside."""
+    graphs = compiled_and_eager["graphs"]
+    assert sorted((g["role"], g["grad"]) for g in graphs) == [("online", True), ("target", False)], graphs
+    assert compiled_and_eager["unique_graphs"] == len(graphs)  # no graph was made outside the encoders' trunks
+    assert all(not g["spectral_ops"] for g in graphs)
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_steps_agree(compiled_and_eager):
+    """The same losses step by step, and the same weights after, within bf16
+    tolerance (aot_eager runs the same kernels; Inductor's fusions on a GPU
+    reorder bf16 arithmetic: see the gpu-marked variant's tolerance)."""
+    eager, compiled = compiled_and_eager["eager"], compiled_and_eager["compiled"]
+    for step_eager, step_compiled in zip(eager["losses"], compiled["losses"]):
+        for key, value in step_eager.items():
+            assert step_compiled[key] == pytest.approx(value, rel=2e-2, abs=2e-2), key
+    for key, value in eager["state"].items():
+        torch.testing.assert_close(compiled["state"][key], value, rtol=2e-2, atol=2e-2, msg=key)

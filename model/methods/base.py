@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from iecl.kernels.view_prep import ViewPrep
-from iecl.model.encoder import Encoder
 from iecl.model.resnet import ResNet
 from iecl.model.saib import SAIB
 from iecl.pipeline.views import MEAN_255, STD_255
@@ -128,14 +127,15 @@ class Method(nn.Module):
         """The backbone that evaluation (kNN, linear probe) uses."""
         raise NotImplementedError
 
-    def compile_encoders(self) -> None:
-        """`torch.compile` every encoder's backbone and projector in place
-        (state_dict keys stay the same). The encoder module itself stays eager,
-        so hooks on it (profiling's marks) run outside the compiled graphs."""
+    def compile_encoders(self, **options) -> None:
+        """`torch.compile` every encoder's trunk (model/encoder.py: everything
+        after the stem convolution, on spectral-normalised weights computed
+        outside the graph), one graph per encoder and grad mode. `options`:
+        torch.compile's (backend, mode). State_dict keys stay the same; the
+        encoder module itself stays eager, so hooks on it (profiling's marks)
+        run outside the compiled graphs."""
         for encoder in self.encoders().values():
-            parts = (encoder.backbone, encoder.projector) if isinstance(encoder, Encoder) else (encoder,)
-            for part in parts:
-                part.compile()
+            encoder.compile(**options)
 
 
 def decay_groups(module: nn.Module, weight_decay: float, prefix: str = "") -> list[dict]:

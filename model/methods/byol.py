@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import BYOLMLP
 from iecl.model.losses import NormalizedMSE
 from iecl.model.methods.base import Embeddings, Losses, Method, Parts
 from iecl.model.methods.registry import register
+from iecl.model.spectral import once_per_step
 
 
 def byol_momentum(base: float, progress: float) -> float:
@@ -59,7 +59,7 @@ class BYOL(Method):
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # Separate forwards, each view with its own BatchNorm statistics (BYOL's code).
-        with parametrize.cached():
+        with once_per_step():
             z_anchor, z_query = self.online(anchor), self.online(query)
             with torch.no_grad():
                 t_anchor, t_query = self.target(anchor), self.target(query)

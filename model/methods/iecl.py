@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
 from iecl.model.heads import MLPBNProjector
 from iecl.model.losses import GaussianKL, InfoNCE, build_entropy
 from iecl.model.methods.base import Embeddings, Losses, Method, Parts
 from iecl.model.methods.registry import register
+from iecl.model.spectral import once_per_step
 
 
 @register
@@ -58,10 +58,10 @@ class IECL(Method):
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # Separate forwards: each view keeps its own BatchNorm statistics. Within
-        # `cached()`, each spectral-normalised weight (one power iteration, one
-        # division) is computed once per step, not once per forward, so both views
-        # see the same normalised weights.
-        with parametrize.cached():
+        # `once_per_step()`, each spectral-normalised weight (one power iteration,
+        # one division) is computed once per step, not once per forward, so both
+        # views see the same normalised weights.
+        with once_per_step():
             q_anchor, q_query = self.online(anchor), self.online(query)
             with torch.no_grad():
                 k_anchor, k_query = self.target(anchor), self.target(query)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from iecl.model.distributed import gather_no_grad
 from iecl.model.encoder import Encoder, ema_update, momentum_copy
@@ -41,6 +40,7 @@ from iecl.model.heads import MoCoV2Head
 from iecl.model.losses import QueueInfoNCE
 from iecl.model.methods.base import Embeddings, Losses, Method, Parts
 from iecl.model.methods.registry import register
+from iecl.model.spectral import once_per_step
 
 #: the queue's initial random keys: one fixed seed, so every rank starts with
 #: the same queue without any communication
@@ -105,8 +105,8 @@ class MoCoV2(Method):
         self.infonce = QueueInfoNCE(h.tau)
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
-        # `cached()`: each spectral-normalised weight is computed once per step (see IE-CL).
-        with parametrize.cached():
+        # `once_per_step()`: each spectral-normalised weight is computed once per step (see IE-CL).
+        with once_per_step():
             q_anchor = self.online(anchor) if self.symmetric else None
             q_query = self.online(query)
             with torch.no_grad():

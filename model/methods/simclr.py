@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from iecl.model.distributed import world_size
 from iecl.model.encoder import Encoder
@@ -30,6 +29,7 @@ from iecl.model.heads import SimCLRProjector
 from iecl.model.losses import NTXent
 from iecl.model.methods.base import Embeddings, Losses, Method, Parts
 from iecl.model.methods.registry import register
+from iecl.model.spectral import once_per_step
 
 
 @register
@@ -50,7 +50,7 @@ class SimCLR(Method):
         self.ntxent = NTXent(h.tau)
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
-        with parametrize.cached():
+        with once_per_step():
             z_anchor, z_query = self.encoder(torch.cat([anchor, query])).chunk(2)
         loss_nce = self.ntxent(z_anchor, z_query)
         return {"loss": loss_nce, "loss_nce": loss_nce}, (z_anchor.detach(), z_query.detach())

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from iecl.model.encoder import Encoder
 from iecl.model.heads import MLPBNProjector, SimSiamPredictor
 from iecl.model.losses import NegativeCosineSimilarity
 from iecl.model.methods.base import Embeddings, Losses, Method, Parts, decay_groups
 from iecl.model.methods.registry import register
+from iecl.model.spectral import once_per_step
 
 
 @register
@@ -49,7 +49,7 @@ class SimSiam(Method):
         self.criterion = NegativeCosineSimilarity()
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
-        with parametrize.cached():
+        with once_per_step():
             z_anchor, z_query = self.encoder(anchor), self.encoder(query)
         p_anchor, p_query = self.predictor(z_anchor), self.predictor(z_query)
         loss = self.criterion(p_anchor, z_query.detach()) / 2 + self.criterion(p_query, z_anchor.detach()) / 2
