@@ -24,8 +24,9 @@ from iecl.pipeline.views import MEAN_255, STD_255, ViewBatch
 BACKENDS = ("pil", "dali", "ffcv")
 
 
-def build_loader(images: ImageList | BetonFile, spec: LoaderSpec) -> Loader:
-    """The `spec.backend` loader over `images` (an `ImageList`; a `BetonFile` for ffcv)."""
+def build_loader(images: ImageList | BetonFile, spec: LoaderSpec, progress: bool = True) -> Loader:
+    """The `spec.backend` loader over `images` (an `ImageList`; a `BetonFile` for ffcv).
+    `progress`: a bar for set-up work that takes a while (DALI's image index)."""
     if spec.backend == "ffcv":
         if not isinstance(images, BetonFile):
             raise DataError(f"data.backend=ffcv reads .beton files; convert first: iecl convert {images.root} OUT.beton")
@@ -41,7 +42,7 @@ def build_loader(images: ImageList | BetonFile, spec: LoaderSpec) -> Loader:
     if spec.backend == "dali":
         from iecl.pipeline.dali import DaliLoader
 
-        return DaliLoader(images, spec.plan, decode=spec.decode, options=spec.dali)
+        return DaliLoader(images, spec.plan, decode=spec.decode, options=spec.dali, progress=progress)
     raise ValueError(f"unknown data backend {spec.backend!r}; choose one of {BACKENDS}")
 
 

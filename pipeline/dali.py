@@ -89,8 +89,8 @@ from iecl.pipeline.views import ViewBatch
 
 DECODE_MODES = ("shared", "window")
 INSTALL_HINT = (
-    "data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
-    "--extra-index-url https://pypi.nvidia.com (or choose data.backend=pil)"
+    "data.backend=dali needs NVIDIA DALI: pip install -e \".[dali]\" in the iecl checkout (the README's way; "
+    "or pip install nvidia-dali-cuda120), or choose data.backend=pil"
 )
 
 

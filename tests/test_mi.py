@@ -211,3 +211,22 @@ def test_a_batch_the_held_out_split_cannot_fill_names_what_to_lower(tiny_checkpo
     assert main(["mi", str(tiny_checkpoint), "--data", str(tiny_data), *args]) == 2
     err = capsys.readouterr().err
     assert "lower --batch-size to at most 12" in err and "--val-fraction" in err
+
+
+def test_the_mi_views_are_the_pretraining_loaders_pairs(tiny_data):
+    """Views (2e, 2e+1) of image i are what the training loader gives i in epoch e."""
+    import numpy as np
+
+    from iecl.pipeline import scan_image_folder
+    from iecl.pipeline.augment import get_recipe
+    from iecl.pipeline.reference import TwoViewDataset
+    from iecl.train.eval.view_features import _ManyViews
+
+    images, recipes = scan_image_folder(tiny_data), get_recipe("byol")  # asymmetric: the views keep their order
+    many = _ManyViews(images, recipes, 32, views=4, seed=7)
+    training = TwoViewDataset(images, recipes, 32, seed=7)
+    for i in (0, 5, 17):
+        _, views, _ = many[i]
+        for epoch in (0, 1):
+            anchor, query, _, _ = training[(epoch, i)]
+            assert np.array_equal(views[2 * epoch], anchor) and np.array_equal(views[2 * epoch + 1], query)

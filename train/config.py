@@ -120,6 +120,16 @@ class DaliConfig:
 
     arithmetic_contrast: bool | None = None  # contrast as device arithmetic; None -> on GPUs only
     exact_hue: bool = True  # PIL's HSV hue shift (True) or DALI's faster YIQ rotation (False)
+    # nvJPEG (GPU decode only): DALI's hardware-decoder share, the reference RN50 pipeline's buffers
+    hw_decoder_load: Annotated[float, Range(0, 1)] = 0.65
+    device_memory_padding: Annotated[int, COUNT] = 211_025_920  # bytes per thread
+    host_memory_padding: Annotated[int, COUNT] = 140_544_512  # bytes per thread
+    preallocate_width_hint: Annotated[int, COUNT] = 5980
+    preallocate_height_hint: Annotated[int, COUNT] = 6430
+    threads: Annotated[int, Range(1, 4096, says="positive")] | None = None  # None -> this rank's share of the cores
+    prefetch: Annotated[int, Range(1, 64, says="in [1, 64]")] = 2  # batches prepared ahead
+    exec_dynamic: bool = False  # DALI's dynamic executor (unmeasured, so off)
+    index_cache: str = "~/.cache/iecl/index"  # image sizes and readability, one full decode per file; "" -> not kept
 
 
 @dataclass

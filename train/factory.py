@@ -103,4 +103,8 @@ def loader_spec(cfg: Config, device: torch.device, rank: int = 0, world_size: in
     d = cfg.data
     plan = BatchPlan(get_recipe(d.recipe, d.crop_scale), cfg.train.batch_size, d.image_size, cfg.run.seed, d.workers,
                      device, rank, world_size)
-    return LoaderSpec(d.backend, plan, d.decode, DaliOptions(cfg.dali.arithmetic_contrast, cfg.dali.exact_hue))
+    x = cfg.dali
+    dali = DaliOptions(x.arithmetic_contrast, x.exact_hue, x.hw_decoder_load, x.device_memory_padding,
+                       x.host_memory_padding, x.preallocate_width_hint, x.preallocate_height_hint, x.threads,
+                       x.prefetch, x.exec_dynamic, x.index_cache or None)
+    return LoaderSpec(d.backend, plan, d.decode, dali)

@@ -73,7 +73,7 @@ def build(cfg: Config, images: ImageList | BetonFile, device: torch.device, *,
     torch.manual_seed(cfg.run.seed)
     rank = ddp.rank() if rank is None else rank
     world = ddp.world_size() if world_size is None else world_size
-    loader = build_loader(images, loader_spec(cfg, device, rank, world))
+    loader = build_loader(images, loader_spec(cfg, device, rank, world), progress=rank == 0)  # one bar, not one a rank
     method, optimizer, scaler, base_lr = build_model(cfg, device, world_size=world)
     return method, loader, optimizer, scaler, base_lr
 

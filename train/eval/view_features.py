@@ -11,8 +11,9 @@ from tqdm import tqdm
 
 from iecl.kernels.view_prep import prepare_view_reference
 from iecl.pipeline import DataError, ImageList
-from iecl.pipeline.augment import ViewRecipe, apply_view, sample_view_params, view_rngs
+from iecl.pipeline.augment import ViewRecipe, apply_view
 from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
+from iecl.pipeline.draws import draw_two_views
 from iecl.pipeline.views import MEAN_255, STD_255
 from iecl.train.eval.knn import extract_features
 
@@ -20,9 +21,8 @@ from iecl.train.eval.knn import extract_features
 class _ManyViews(torch.utils.data.Dataset):
     """Image i -> (i, uint8 (V, H, W, 3) or None, why it could not be read).
 
-    View v uses recipe v % 2 and the generator `view_rngs(seed, v // 2, i)[v % 2]`:
-    views (2e, 2e + 1) are exactly the pair the pretraining loader would make
-    for image i in epoch e. An unreadable image is reported, not replaced by
+    Views (2e, 2e + 1) are the batch draws of image i in epoch e (recipes 0
+    and 1): exactly the pair the pretraining loader makes for it in that epoch. An unreadable image is reported, not replaced by
     its neighbour as in training: a duplicated image would be a false
     "different image" in the pairs.
     """
@@ -42,11 +42,11 @@ class _ManyViews(torch.utils.data.Dataset):
             return i, None, f"{self.images.name(i)} ({describe(err)})"
         width, height = img.size
         out = []
-        for v in range(self.views):
-            rng = view_rngs(self.seed, v // 2, i)[v % 2]
-            params = sample_view_params(rng, self.recipes[v % 2], width, height, self.image_size)
-            out.append(apply_view(img, params, self.image_size))
-        return i, np.stack(out), None
+        for epoch in range((self.views + 1) // 2):
+            pair = draw_two_views(self.recipes, self.seed, epoch, [i], [width], [height], self.image_size,
+                                  reference=True)
+            out.extend(apply_view(img, d.params(0), self.image_size) for d in pair)
+        return i, np.stack(out[:self.views]), None
 
 
 def _collate(items):
