@@ -71,6 +71,12 @@ def test_dry_run_runs_every_part_from_a_plain_checkout(tmp_path):
     assert export["tensors"] > 100 and set(export["libraries"]) == {"torchvision", "timm"}
     anchor = json.loads((out / "anchor.json").read_text())
     assert all(row["img_per_s"] > 0 for row in anchor["models"].values())
+    # Every timing carries its spread; the checks have their section.
+    assert r50["step_ms_stats"]["wall_clock"]["n"] == DRY_RUN.profile_repeats and "flags" in r50
+    assert compare["repeats"] == DRY_RUN.compare_repeats and "flags" in compare
+    assert all(r["img_per_s_stats"]["n"] == DRY_RUN.loader_repeats for r in loader["runs"])
+    assert all(row["step_ms_stats"]["n"] == DRY_RUN.anchor_repeats for row in anchor["models"].values())
+    assert "## Checks" in md and "noise" in md and "(min-max)" in md
     for png in ("loader.png", "steps.png", "compare.png"):
         with Image.open(out / png) as image:
             image.verify()
@@ -139,3 +145,38 @@ def test_the_device_script_runs_the_checkout(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["parts"]["export"]["status"] == "ok"
     assert (tmp_path / "r.tar.gz").stat().st_size > 0
+
+
+def test_report_chart_labels_stay_inside_the_figure():
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from iecl.profiling import stats
+
+    values = [stats.summary([1.0, 2.0, 3.0]), stats.summary([90_000.0, 120_000.0, 400_000.0]), stats.summary([5.0])]
+    fig = document.barh_figure(["a very long label for the first bar " * 2, "b", "c"], values, "images/s",
+                               "a title long enough to wrap, " * 8, "Bars: the median of 3 windows; " * 6)
+    try:
+        fig.canvas.draw()
+        renderer, frame = fig.canvas.get_renderer(), fig.bbox
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert any(t.get_text() == "120,000" for t in texts)
+        for t in texts:
+            box = t.get_window_extent(renderer)
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, t.get_text()
+        axes = fig.axes[0].get_window_extent(renderer)
+        for t in fig.axes[0].texts:  # the value labels, inside the panel
+            assert t.get_window_extent(renderer).x1 <= axes.x1, t.get_text()
+    finally:
+        plt.close(fig)
+
+
+def test_the_checks_section_gathers_every_parts_flags(tmp_path):
+    flag = {"check": "loader_faster_than_model", "subject": "iecl resnet50 +SAIB", "message": "impossible"}
+    (tmp_path / "profile-r50.json").write_text(json.dumps({"flags": [flag]}))
+    (tmp_path / "saib-in-step.json").write_text(json.dumps({"triton": {"step_ms": {}, "flags": [flag]}}))
+    (tmp_path / "compare.json").write_text(json.dumps({"flags": []}))
+    lines = "\n".join(document._checks(tmp_path))
+    assert "(part profile-r50)" in lines and "(part saib-in-step/triton)" in lines
+    assert "loader_faster_than_model" in lines
+    assert document._checks(tmp_path / "empty")[-1] == "No check failed."

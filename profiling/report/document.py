@@ -2,7 +2,9 @@
 
 Everything here reads what the parts wrote; nothing is measured. A part that
 did not run, failed or was stopped at its share is shown as such, with what
-it saved before it stopped.
+it saved before it stopped. Times are medians of repeated windows with their
+min-max in brackets (profiling/stats.py); the checks the parts ran
+(profiling/checks.py) are gathered in one section near the top.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from iecl.profiling import checks, stats
 from iecl.profiling.report.plan import BY_NAME, PART_NAMES
 
 #: the pipelines work's bar: DALI's GPU decode at least this many times PIL on every core
@@ -55,9 +58,36 @@ def loader_efficiency(profile: dict | None) -> float | None:
     return steps["model_only"] / steps["wall_clock"] if steps else None
 
 
-def compile_speedup(eager: dict | None, compiled: dict | None, kind: str) -> float | None:
-    a, b = _get(eager, "step_ms", kind), _get(compiled, "step_ms", kind)
-    return a / b if a and b else None
+def _step_stats(profile: dict, kind: str) -> dict:
+    """A profile's step-ms summary of `kind` (wall_clock, model_only); an older record: its one figure."""
+    return _get(profile, "step_ms_stats", kind) or stats.of(profile["step_ms"][kind])
+
+
+def efficiency_text(profile: dict | None) -> str:
+    """The loader efficiency with its interval and the noise verdict."""
+    if not _get(profile, "step_ms"):
+        return "-"
+    return stats.fmt_ratio_percent(stats.ratio(_step_stats(profile, "model_only"), _step_stats(profile, "wall_clock")))
+
+
+def compile_speedup(eager: dict | None, compiled: dict | None, kind: str) -> dict | None:
+    """Eager over compiled step time (a stats.ratio interval)."""
+    if not (_get(eager, "step_ms", kind) and _get(compiled, "step_ms", kind)):
+        return None
+    return stats.ratio(_step_stats(eager, kind), _step_stats(compiled, kind))
+
+
+def _speedup_text(speed: dict | None) -> str:
+    if speed is None:
+        return "-"
+    if speed["n"] < 2:
+        return f"{speed['value']:.2f}x"
+    return f"{speed['value']:.2f}x ({speed['low']:.2f}-{speed['high']:.2f}x)"
+
+
+def _ms(profile: dict | None, kind: str) -> str:
+    """A profile's step ms as 'median (min-max)'."""
+    return stats.fmt_short(_step_stats(profile, kind)) if _get(profile, "step_ms", kind) is not None else "-"
 
 
 def saib_shares(out: Path) -> dict:
@@ -83,18 +113,17 @@ def headline(out: Path, record: dict) -> list[str]:
     else:
         lines.append(f"| DALI vs PIL, img/s | not measured ({_status_text(parts, 'loader')}) | >= {DALI_OVER_PIL_BAR:g}x |")
     for prof, name in ((r50, "profile-r50"), (r18, "profile-r18")):
-        eff = loader_efficiency(prof)
         lines.append(f"| loader efficiency, IE-CL + SAIB {_backbone(prof, name)} ({_get(prof, 'data') or 'real loader'}) | "
-                     f"{_f(eff and 100 * eff, '.0f', '%')} (model-only {_f(_get(prof, 'step_ms', 'model_only'), '.1f')} ms "
-                     f"/ with the loader {_f(_get(prof, 'step_ms', 'wall_clock'), '.1f')} ms){_over_100(prof, eff)} | "
+                     f"{efficiency_text(prof)} (model-only {_ms(prof, 'model_only')} ms "
+                     f"/ with the loader {_ms(prof, 'wall_clock')} ms){_over_100(prof)} | "
                      "100%: the loader hides behind the step |")
     for eager, compiled, name in ((r50, r50c, "profile-r50-compile"), (r18, r18c, "profile-r18-compile")):
         label = _backbone(eager, name.removesuffix("-compile"))
         if compiled:
             speed = compile_speedup(eager, compiled, "model_only")
             lines.append(f"| compile on vs off, {label} step (data on the device) | "
-                         f"{_f(_get(eager, 'step_ms', 'model_only'))} ms eager, "
-                         f"{_f(_get(compiled, 'step_ms', 'model_only'))} ms compiled: {_f(speed, '.2f', 'x')}; "
+                         f"{_ms(eager, 'model_only')} ms eager, "
+                         f"{_ms(compiled, 'model_only')} ms compiled: {_speedup_text(speed)}; "
                          f"warm-up {_f(_get(compiled, 'warmup_seconds'), '.0f')} s | >= 1.5x, warm-up <= 120 s |")
         else:
             lines.append(f"| compile on vs off, {label} | {_status_text(parts, name)} | >= 1.5x, warm-up <= 120 s |")
@@ -117,13 +146,42 @@ def _backbone(profile: dict | None, name: str) -> str:
     return f"{_get(profile, 'backbone') or ('resnet18' if 'r18' in name else 'resnet50')} ({name})"
 
 
-def _over_100(profile: dict | None, efficiency: float | None) -> str:
+def _over_100(profile: dict | None) -> str:
     """A loader cannot make a step faster than the data already on the device:
-    above 100% is the two timings' noise, and is said to be."""
-    if efficiency is None or efficiency <= 1.0:
+    above 100% within noise reads as 100%; beyond noise it is a failed check."""
+    eff = loader_efficiency(profile)
+    if eff is None or eff <= 1.0:
         return ""
-    return (f"; above 100% only by the timing noise of {profile['steps']} steps: read it as 100%, "
-            "the loader hidden")
+    verdict = stats.beyond(stats.ratio(_step_stats(profile, "model_only"), _step_stats(profile, "wall_clock")), 1.0)
+    if verdict:
+        return "; impossible beyond noise: see Checks"
+    return "; above 100% within noise: read it as 100%, the loader hidden"
+
+
+def all_flags(out: Path) -> list[dict]:
+    """Every check that failed in the report's parts, in part order."""
+    flags = []
+    for name in PART_NAMES:
+        part = load(out, name)
+        if not isinstance(part, dict):
+            continue
+        flags += [{**f, "part": name} for f in part.get("flags", [])]
+        for impl, sub in part.items():  # saib-in-step: one profile per implementation
+            if isinstance(sub, dict) and "flags" in sub and "step_ms" in sub:
+                flags += [{**f, "part": f"{name}/{impl}"} for f in sub["flags"]]
+    return flags
+
+
+def _checks(out: Path) -> list[str]:
+    flags = all_flags(out)
+    text = ("Each figure is the median of repeated windows; a difference smaller than the spread (min-max ranges "
+            f"that overlap) is marked within noise, and with fewer than {stats.MIN_WINDOWS} windows the noise is not "
+            "known and nothing is called beyond it. Checked: a real loader faster than the data on the device, "
+            "SAIB making a step faster, a profile's stages adding up to more or far less than the step, in-place "
+            "and isolated stage times 2x apart, a rate above the device's own matmul.")
+    if not flags:
+        return [text, "", "No check failed."]
+    return [text, "", *(f"{line} (part {f['part']})" for f, line in zip(flags, checks.lines(flags)))]
 
 
 def _status_text(parts: dict, name: str) -> str:
@@ -163,11 +221,13 @@ def _saib(s: dict | None) -> list[str]:
         return ["Not measured."]
     c = s["config"]
     lines = [(f"Batch {c['batch_size']}, {c['image_size']} px, patch {c['patch']}, {c['dtype']}, {c['weights']} weights; "
-             f"median of {c['iters']} after {c['warmup']}; forward = {s['flop']['forward'] / 1e9:.1f} GFLOP."), "",
+             f"median (min-max) of {c['iters']} runs after {c['warmup']}; forward = {s['flop']['forward'] / 1e9:.1f} GFLOP."), "",
              "| implementation | forward ms | backward ms | forward + backward ms | TFLOP/s (f+b) | of matmul |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for impl, row in s["results"].items():
-        lines.append(f"| {impl} | {row['forward_ms']:.2f} | {row['backward_ms']:.2f} | {row['forward_backward_ms']:.2f} | "
+        ms = {phase: stats.fmt_short(stats.of(row.get(f"{phase}_ms_stats") or row[f"{phase}_ms"]), 2)
+              for phase in ("forward", "backward", "forward_backward")}
+        lines.append(f"| {impl} | {ms['forward']} | {ms['backward']} | {ms['forward_backward']} | "
                      f"{row['forward_backward_tflops']:.1f} | {100 * row['forward_backward_share_of_matmul']:.1f}% |")
     return lines + [f"- {note}" for note in s.get("notes", [])]
 
@@ -175,15 +235,17 @@ def _saib(s: dict | None) -> list[str]:
 def _loader(r: dict | None) -> list[str]:
     if not r:
         return ["Not measured."]
+    windows = f"{r.get('repeats', 1)} windows of {r['steps']}"
     lines = [(f"Batch {r['batch_size']}, {r['image_size']} px, two views, delivered on {r['device']}; "
-             f"{r['warmup']} + {r['steps']} batches; {r['workers']} workers."), "",
+             f"{r['warmup']} + {windows} batches; {r['workers']} workers; img/s: the median (min-max) of the windows."), "",
              "| backend | img/s | step ms (median) | p90 ms | host MB | GPU MB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for run in r["runs"]:
         name = run["backend"] + (f"/{run['decode']}" if run.get("decode") else "")
         if "error" in run:
             lines.append(f"| {name} | failed: {run['error'].splitlines()[-1]} | | | | |")
             continue
-        lines.append(f"| {name} | {run['img_per_s']:,.0f} | {run['step_ms_median']:.1f} | {run['step_ms_p90']:.1f} | "
+        rate = stats.fmt_short(stats.of(run.get("img_per_s_stats") or run["img_per_s"]), 0, thousands=True)
+        lines.append(f"| {name} | {rate} | {run['step_ms_median']:.1f} | {run['step_ms_p90']:.1f} | "
                      f"{run['peak_host_mb']:.0f} | {_f(run['peak_gpu_mb'], '.0f')} |")
     lines += [f"- {backend}: not run ({why})" for backend, why in r.get("skipped", {}).items()]
     if r.get("ffcv_conversion_seconds") is not None:
@@ -204,18 +266,21 @@ def _profiles(out: Path, parts: dict) -> list[str]:
         if not p:
             lines.append(f"| {label} | {_status_text(parts, name)} | | | | | | | |")
             continue
-        st = p["step_ms"]
-        lines.append(f"| {label} | {st['wall_clock']:.1f} | {p['img_per_s']['in_place']:,.0f} | {st['model_only']:.1f} | "
-                     f"{p['img_per_s']['model_only']:,.0f} | {100 * loader_efficiency(p):.0f}% | "
+        lines.append(f"| {label} | {_ms(p, 'wall_clock')} | {p['img_per_s']['in_place']:,.0f} | {_ms(p, 'model_only')} | "
+                     f"{p['img_per_s']['model_only']:,.0f} | {efficiency_text(p)} | "
                      f"{100 * p['saib_share']:.1f}% | {p['tflops']['model_only']:.1f} | {p['warmup_seconds']:.0f} |")
+    lines += ["", "Step times: the median (min-max) of each profile's windows (`repeats` x `steps` in its JSON)."]
     r50 = load(out, "profile-r50")
     if r50:
         lines += ["", f"Stages of profile-r50, in place with the loader ({r50['config']}; {r50['data']}):", "",
-                  "| stage | in place ms | share | isolated ms |", "| --- | ---: | ---: | ---: |"]
+                  "| stage | in place ms (mean) | share | in place per step, median (min-max) | isolated ms, median (min-max) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
         for s in r50["stages"].values():
-            lines.append(f"| {s['label']} | {s['in_place_ms']:.2f} | {100 * s['share']:.1f}% | {_f(s['isolated_ms'], '.2f')} |")
-        lines.append(f"| step (sum of parts; wall clock {r50['step_ms']['wall_clock']:.2f}) | "
-                     f"{r50['step_ms']['sum_of_parts']:.2f} | | |")
+            here = stats.fmt_short(stats.of(s.get("in_place_ms_stats") or s["in_place_ms"]), 2)
+            alone = stats.fmt_short(s["isolated_ms_stats"], 2) if s.get("isolated_ms_stats") else _f(s["isolated_ms"], ".2f")
+            lines.append(f"| {s['label']} | {s['in_place_ms']:.2f} | {100 * s['share']:.1f}% | {here} | {alone} |")
+        lines.append(f"| step (sum of parts; wall clock {stats.fmt_short(_step_stats(r50, 'wall_clock'), 2)}) | "
+                     f"{r50['step_ms']['sum_of_parts']:.2f} | | | |")
     in_step = load(out, "saib-in-step") or {}
     for impl, p in in_step.items():
         if not isinstance(p, dict) or "step_ms" not in p:
@@ -243,12 +308,13 @@ def _anchor(a: dict | None) -> list[str]:
         return ["Not measured."]
     lines = [(f"Batch {a['batch_size']}, {a['image_size']} px, {a['precision']}, "
              f"{'channels-last' if a['channels_last'] else 'NCHW'}; cross-entropy over 1,000 classes, SGD with momentum."),
-             "", "| model | step ms | img/s | parameters |", "| --- | ---: | ---: | ---: |"]
+             "", "| model | step ms, median (min-max) of the windows | img/s | parameters |", "| --- | ---: | ---: | ---: |"]
     for name, row in a["models"].items():
         if "error" in row:
             lines.append(f"| {name} | failed: {row['error'].splitlines()[-1]} | | |")
         else:
-            lines.append(f"| {name} | {row['step_ms']:.1f} | {row['img_per_s']:,.0f} | {row['parameters'] / 1e6:.1f} M |")
+            ms = stats.fmt_short(stats.of(row.get("step_ms_stats") or row["step_ms"]))
+            lines.append(f"| {name} | {ms} | {row['img_per_s']:,.0f} | {row['parameters'] / 1e6:.1f} M |")
     if a.get("torchvision"):
         lines.append(f"- torchvision: {a['torchvision']}")
     return lines
@@ -290,6 +356,7 @@ def markdown(out: Path, record: dict) -> str:
                    f"config {plan['config'] or 'smoke'}" + (f" with {' '.join(plan['overrides'])}" if plan["overrides"] else "")
                    + f"); real loader: {plan['backend']} on {plan['cores']} cores; data: {plan['data']}."),
               "", "## The figures, side by side", "", *headline(out, record),
+              "", "## Checks", "", *_checks(out),
               "", "## Parts (each in its own process, under its share of the budget)", "", parts_table(record),
               "", "## 1. Machine", "", *_machine(machine),
               "", "## 2. SAIB alone (`iecl bench saib`)", "", *_saib(load(out, "saib")),
@@ -308,21 +375,44 @@ def markdown(out: Path, record: dict) -> str:
 # ------------------------------------------------------------- charts
 
 
-def _barh(path: Path, labels: list[str], values: list[float], xlabel: str, title: str) -> None:
+def _barh(path: Path, labels: list[str], values: list[dict], xlabel: str, title: str, caption: str) -> None:
+    """Horizontal bars of summaries: the median, error bars to the min-max,
+    each value labelled beyond its error bar, the repeat count in the caption."""
+    fig = barh_figure(labels, values, xlabel, title, caption)
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def barh_figure(labels: list[str], values: list[dict], xlabel: str, title: str, caption: str):
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(labels) + 1.5))
-    bars = ax.barh(range(len(labels)), values, color="#4c72b0", tick_label=labels)
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=3)
+    # constrained layout keeps the tick labels, title and caption inside the figure
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(labels) + 2), layout="constrained")
+    medians = [v["median"] for v in values]
+    below, above = zip(*(stats.error_bar(v) for v in values))
+    ax.barh(range(len(labels)), medians, color="#4c72b0", tick_label=[textwrap.fill(label, 48) for label in labels],
+            xerr=[list(below), list(above)], capsize=3, ecolor="black")
+    for y, v in enumerate(values):
+        ax.annotate(f"{v['median']:,.0f}", (v["max"], y), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, max(values) * 1.2)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # tight: no label is ever clipped
-    plt.close(fig)
+    fig.suptitle(textwrap.fill(title, 100), fontsize=10)  # centred on the figure, not on the axes beside the labels
+    ax.set_xlim(0, max(v["max"] for v in values) * 1.25)  # room for the labels beyond the error bars
+    fig.supxlabel(textwrap.fill(caption, 120), fontsize=8)
+    return fig
+
+
+def _rate(summary_ms: dict, batch: int) -> dict:
+    """images/s per window from a step-ms summary."""
+    return stats.mapped(summary_ms, lambda ms: 1e3 * batch / ms)
 
 
 def charts(out: Path, record: dict) -> list[Path]:
@@ -334,23 +424,31 @@ def charts(out: Path, record: dict) -> list[Path]:
     if runs:
         path = out / "loader.png"
         _barh(path, [r["backend"] + (f"/{r['decode']}" if r.get("decode") else "") for r in runs],
-              [r["img_per_s"] for r in runs], "images/s (two views each, on the device)",
-              f"{device}: loaders alone, batch {loader['batch_size']}, {loader['image_size']} px")
+              [stats.of(r.get("img_per_s_stats") or r["img_per_s"]) for r in runs],
+              "images/s (two views each, on the device)",
+              f"{device}: loaders alone, batch {loader['batch_size']}, {loader['image_size']} px",
+              f"Bars: the median of {loader.get('repeats', 1)} windows of {loader['steps']} batches; "
+              "error bars: min-max of the windows.")
         paths.append(path)
-    labels, values = [], []
+    labels, values, windows = [], [], set()
     for name, mode in _PROFILES:
         p = load(out, name)
         if p:
             label = f"{_backbone(p, name)}, {mode}"
             labels += [f"{label}, with the loader", f"{label}, data on the device"]
-            values += [p["img_per_s"]["in_place"], p["img_per_s"]["model_only"]]
-    for name, row in (_get(load(out, "anchor"), "models") or {}).items():
+            values += [_rate(_step_stats(p, "wall_clock"), p["batch_size"]),
+                       _rate(_step_stats(p, "model_only"), p["batch_size"])]
+            windows.add(f"{p.get('repeats', 1)} x {p['steps']}")
+    anchor = load(out, "anchor")
+    for name, row in (_get(anchor, "models") or {}).items():
         if "img_per_s" in row:
             labels.append(f"supervised {name}")
-            values.append(row["img_per_s"])
+            values.append(_rate(stats.of(row.get("step_ms_stats") or row["step_ms"]), anchor["batch_size"]))
+            windows.add(f"{row.get('repeats', 1)} x {row['steps']}")
     if values:
         path = out / "steps.png"
-        _barh(path, labels, values, "images/s", f"{device}: IE-CL + SAIB training steps and the supervised anchor")
+        _barh(path, labels, values, "images/s", f"{device}: IE-CL + SAIB training steps and the supervised anchor",
+              f"Bars: the median window (windows x steps: {', '.join(sorted(windows))}); error bars: min-max of the windows.")
         paths.append(path)
     return paths
 

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 
 import iecl
+from iecl.profiling import stats
 from iecl.profiling.machine import device_name, versions
 from iecl.profiling.report.plan import Scale
 
@@ -182,7 +183,8 @@ def saib(ctx: Context) -> dict:
 
     s = ctx.scale
     ctx.log(f"batch {s.batch_size}, {s.image_size} px, patch {s.patch}, {s.saib_dtype}: {', '.join(IMPLS)}")
-    return run(s.batch_size, s.image_size, s.patch, s.saib_dtype, ctx.device, s.saib_iters, s.saib_warmup, IMPLS)
+    return run(s.batch_size, s.image_size, s.patch, s.saib_dtype, ctx.device, s.saib_iters, s.saib_warmup, IMPLS,
+               progress=True)
 
 
 # ------------------------------------------------------------- data
@@ -217,7 +219,7 @@ def loader(ctx: Context) -> dict:
 
     s, device = ctx.scale, torch.device(ctx.device)
     args = SimpleNamespace(batch_size=s.batch_size, image_size=s.image_size, steps=s.loader_steps,
-                           warmup=s.loader_warmup, workers=ctx.cores, recipe="mocov2", seed=0,
+                           repeats=s.loader_repeats, warmup=s.loader_warmup, workers=ctx.cores, recipe="mocov2", seed=0,
                            beton=str(ctx.work / f"{Path(ctx.data).name}-{s.image_size}px.beton"))
     packages = optional_packages()
     runs = [("pil", "shared")]
@@ -231,15 +233,15 @@ def loader(ctx: Context) -> dict:
     else:
         skipped["ffcv"] = packages["ffcv"]["why"]
     result = {"device": ctx.device, "batch_size": s.batch_size, "image_size": s.image_size,
-              "steps": s.loader_steps, "warmup": s.loader_warmup, "workers": ctx.cores,
+              "steps": s.loader_steps, "repeats": s.loader_repeats, "warmup": s.loader_warmup, "workers": ctx.cores,
               "runs": [], "skipped": skipped}
     for backend, decode in runs:
         label = backend + (f"/{decode}" if backend == "dali" else "")
-        ctx.log(f"{label}: {s.loader_warmup} + {s.loader_steps} batches of {s.batch_size}")
+        ctx.log(f"{label}: {s.loader_warmup} + {s.loader_repeats} x {s.loader_steps} batches of {s.batch_size}")
         try:
             start = time.perf_counter()
             images = open_images(ctx.data) if backend != "ffcv" else _converted(ctx, args, _beton_for, result)
-            run = asdict(bench_one(images, backend, decode, device, args))
+            run = asdict(bench_one(images, backend, decode, device, args, progress=True))
             run["seconds_with_startup"] = time.perf_counter() - start
             result["runs"].append(run)
         except Exception as err:  # noqa: BLE001 - one backend's failure is a finding; the others still run
@@ -263,7 +265,8 @@ def _converted(ctx: Context, args, beton_for, result: dict):
 # ------------------------------------------------------------- the step
 
 
-def _profile_one(ctx: Context, extra: list[str], loader: bool, isolate_iters: int | None = None) -> dict:
+def _profile_one(ctx: Context, extra: list[str], loader: bool, isolate_iters: int | None = None,
+                 repeats: int | None = None) -> dict:
     from iecl.pipeline import open_images
     from iecl.profiling.harness import load_resolved
     from iecl.profiling.step_profile import profile
@@ -272,7 +275,8 @@ def _profile_one(ctx: Context, extra: list[str], loader: bool, isolate_iters: in
     cfg = load_resolved(ctx.config, ctx.training_overrides(*extra, loader=loader))
     images = open_images(ctx.data) if loader else None
     isolate = s.isolate_iters if isolate_iters is None else isolate_iters
-    report = profile(cfg, images, s.profile_steps, s.profile_warmup, isolate, log=ctx.log)
+    report = profile(cfg, images, s.profile_steps, s.profile_warmup, isolate, log=ctx.log,
+                     repeats=s.profile_repeats if repeats is None else repeats)
     report["overrides"] = ctx.training_overrides(*extra, loader=loader)
     return report
 
@@ -305,7 +309,8 @@ def saib_in_step(ctx: Context) -> dict:
         try:
             result[impl] = _profile_one(ctx, [f"model.backbone={ctx.scale.r50}", "train.compile=false",
                                               f"kernels.saib_impl={impl}"], loader=False,
-                                        isolate_iters=ctx.scale.in_step_isolate_iters)
+                                        isolate_iters=ctx.scale.in_step_isolate_iters,
+                                        repeats=ctx.scale.in_step_repeats)
         except Exception as err:  # noqa: BLE001 - recorded; the other implementation still runs
             result[impl] = {"error": _error(err)}
         ctx.save(result)
@@ -326,7 +331,8 @@ def compare(ctx: Context) -> dict:
         ctx.save({**partial, "complete": False})
 
     result = comparing.compare(ctx.config, overrides, comparing.METHODS, "both", open_images(ctx.data),
-                               s.compare_steps, s.compare_warmup, log=ctx.log, on_row=save)
+                               s.compare_steps, s.compare_warmup, log=ctx.log, on_row=save, repeats=s.compare_repeats,
+                               progress=True)
     result["complete"] = True
     comparing.write(result, ctx.out)  # compare.md and compare.png beside compare.json
     return result
@@ -358,15 +364,17 @@ def anchor(ctx: Context) -> dict:
     for name, build in builders.items():
         ctx.log(name)
         try:
-            result["models"][name] = supervised_step(build(), cfg, ctx.scale.anchor_steps, ctx.scale.anchor_warmup)
+            result["models"][name] = supervised_step(build(), cfg, ctx.scale.anchor_steps, ctx.scale.anchor_warmup,
+                                                     ctx.scale.anchor_repeats)
         except Exception as err:  # noqa: BLE001
             result["models"][name] = {"error": _error(err)}
         ctx.save(result)
     return result
 
 
-def supervised_step(model, cfg, steps: int, warmup: int) -> dict:
-    """Seconds per cross-entropy training step of `model` on random images."""
+def supervised_step(model, cfg, steps: int, warmup: int, repeats: int = 1) -> dict:
+    """Milliseconds per cross-entropy training step of `model` on random
+    images: the median of `repeats` windows of `steps` steps, with the spread."""
     from contextlib import nullcontext
 
     import torch.nn.functional as F
@@ -396,13 +404,17 @@ def supervised_step(model, cfg, steps: int, warmup: int) -> dict:
 
     for _ in range(warmup):
         step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    return {"step_ms": 1e3 * seconds, "img_per_s": cfg.train.batch_size / seconds, "steps": steps, "warmup": warmup,
+    windows = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        windows.append(1e3 * (time.perf_counter() - start) / steps)
+    ms = stats.summary(windows)
+    return {"step_ms": ms["median"], "img_per_s": 1e3 * cfg.train.batch_size / ms["median"], "steps": steps,
+            "repeats": repeats, "warmup": warmup, "step_ms_stats": ms,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

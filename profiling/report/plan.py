@@ -71,15 +71,22 @@ class Scale:
     r50: str = "resnet50"  # the backbone the "ResNet-50" parts build
     saib_iters: int = 20
     saib_warmup: int = 5
-    loader_steps: int = 20
+    # The timed steps come in windows (steps per window x repeats): each figure
+    # is the median window, with the windows' spread (profiling/stats.py).
+    loader_steps: int = 5
+    loader_repeats: int = 4
     loader_warmup: int = 5
-    profile_steps: int = 10
+    profile_steps: int = 4
+    profile_repeats: int = 3
     profile_warmup: int = 5
     isolate_iters: int = 3
     in_step_isolate_iters: int = 3  # saib-in-step's profiles (0: in place only)
-    compare_steps: int = 8
+    in_step_repeats: int = 3  # saib-in-step's windows (the dry run's Triton interpreter makes each step seconds)
+    compare_steps: int = 3
+    compare_repeats: int = 3
     compare_warmup: int = 3
-    anchor_steps: int = 15
+    anchor_steps: int = 5
+    anchor_repeats: int = 3
     anchor_warmup: int = 5
     ceiling_iters: int = 10
     estimates: dict = field(default_factory=dict)  # part -> expected seconds
@@ -106,8 +113,11 @@ DRY_RUN = Scale(
     overrides=("model.projector_hidden=64", "model.projector_out=32", "model.predictor_hidden=64",
                "method.queue_size=64"),
     r50="resnet18",
-    saib_iters=1, saib_warmup=0, loader_steps=3, loader_warmup=1, profile_steps=1, profile_warmup=1,
-    isolate_iters=1, in_step_isolate_iters=0, compare_steps=1, compare_warmup=1, anchor_steps=2, anchor_warmup=1, ceiling_iters=2,
+    # Two windows (three for the loaders) wherever a spread is reported: the
+    # dry run takes every code path of the statistics and the checks.
+    saib_iters=1, saib_warmup=0, loader_steps=1, loader_repeats=3, loader_warmup=1, profile_steps=1,
+    profile_repeats=2, profile_warmup=1, isolate_iters=1, in_step_isolate_iters=0, in_step_repeats=1, compare_steps=1,
+    compare_repeats=2, compare_warmup=1, anchor_steps=1, anchor_repeats=2, anchor_warmup=1, ceiling_iters=2,
     # Seconds each part took on the 2-core CPU machine (report-dry-run/report.md;
     # the Triton interpreter is most of saib and saib-in-step, which therefore
     # times in place only). The compile parts get 3 s: on a CPU their warm-up
