@@ -132,7 +132,6 @@ def _iecl(batch: int = 4, saib: bool = False):
                         image_size=32, saib=saib).train()
 
 
-@pytest.mark.slow
 def test_the_encoder_computes_what_the_parametrised_modules_compute():
     """W / sigma outside the network, then the plain network on it: the same
     embeddings, gradients, power-iteration vectors and BatchNorm statistics as
@@ -159,7 +158,6 @@ def test_the_encoder_computes_what_the_parametrised_modules_compute():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.slow
 def test_the_power_iteration_runs_once_per_step(tmp_path, monkeypatch):
     """One power iteration per spectral-normalised convolution and encoder
     (online, target) in a training step, although each encoder sees two views."""
