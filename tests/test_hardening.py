@@ -260,7 +260,7 @@ def test_print_config_resolves_and_writes_nothing(capsys, tmp_path):
 def test_a_step_that_cannot_fit_in_memory_is_refused_at_start_with_the_estimate(capsys, tmp_path, tiny_data):
     out_dir = tmp_path / "runs"
     code, _, err = _pretrain(capsys, *TINY, f"data.root={tiny_data}", f"run.out_dir={out_dir}",
-                             "data.image_size=8192", "saib.enabled=false", "train.batch_size=64")
+                             "data.image_size=8192", "saib.enabled=false", "train.batch_size=32")
     line = _one_line(err)
     assert code == 2 and "keeps at least" in line and "GB of activations" in line and "lower data.image_size" in line
     assert not out_dir.exists()

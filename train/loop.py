@@ -2,9 +2,10 @@
 with the bookkeeping (train/bookkeeping.py) after each.
 
 The step is the same one `iecl profile` and `iecl compare` time. Losses stay
-on the device between logged rows; the host waits for the device once per
-step (the step's agreement: is the loss finite, did anyone ask to stop), once
-per logged row and at checkpoints.
+on the device between logged rows. In one process the host does not wait for
+the device within a step (a non-finite step is skipped on the device; the
+guard reads the pending losses only when a stop could be due); it waits once
+per logged row and at checkpoints. Under DDP the ranks agree once per step.
 
 A run is resumable at every step boundary: the checkpoint holds the step, the
 position in the epoch, the method (online, target, SAIB), optimizer, scaler
