@@ -151,3 +151,29 @@ def on_prepared(method, anchor: torch.Tensor, query: torch.Tensor):
     any) on the query, then the loss -> (losses, embeddings). The loop's entry
     point, `method(anchor_u8, query_u8)`, does the view preparation first."""
     return method.loss_on_views(anchor, method.saib(query) if method.saib is not None else query)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` now (from /proc: children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has died; only its exit status is left

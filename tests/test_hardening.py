@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_overrides
+from conftest import alive, descendants, tiny_config, tiny_overrides
 
 from iecl.pipeline import scan_image_folder
 from iecl.train import checkpoint as ckpt
@@ -290,30 +290,6 @@ def test_one_bad_file_counts_once_across_epochs_and_resumes(capsys, tmp_path, ti
 # ------------------------------------------------------------------ preemption at any moment
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.slow
 def test_random_kills_never_break_a_run(tmp_path, tiny_data):
     """SIGKILLs and SIGTERMs at random moments (start-up, steps, checkpoint
@@ -335,12 +311,12 @@ def test_random_kills_never_break_a_run(tmp_path, tiny_data):
         deadline = time.monotonic() + rng.uniform(0.3, 6.0)
         children: set[int] = set()
         while time.monotonic() < deadline and proc.poll() is None:
-            children |= _descendants(proc.pid)
+            children |= descendants(proc.pid)
             time.sleep(0.02)
         if proc.poll() is not None:  # ended by itself: only by finishing
             assert proc.returncode == 0, proc.stderr.read()
             break
-        children |= _descendants(proc.pid)
+        children |= descendants(proc.pid)
         sig = signal.SIGKILL if attempt % 2 == 0 or rng.random() < 0.5 else signal.SIGTERM
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
@@ -348,9 +324,9 @@ def test_random_kills_never_break_a_run(tmp_path, tiny_data):
         assert proc.returncode in (-signal.SIGKILL, -signal.SIGTERM, 143, 0), err
         assert "Traceback" not in err, err
         give_up = time.monotonic() + 15
-        while any(_alive(c) for c in children) and time.monotonic() < give_up:
+        while any(alive(c) for c in children) and time.monotonic() < give_up:
             time.sleep(0.1)
-        assert not [c for c in children if _alive(c)], f"children of a killed trainer survive ({sig.name})"
+        assert not [c for c in children if alive(c)], f"children of a killed trainer survive ({sig.name})"
         for run in _run_folders(out_dir):
             for path in [*run.glob("last.pt"), *run.glob("step-*.pt")]:
                 ckpt.load(path)

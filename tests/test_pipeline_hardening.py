@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import alive, descendants
 from PIL import Image
 
 from iecl.pipeline import (
@@ -152,24 +153,6 @@ time.sleep(120)
 """
 
 
-def _descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            for child in (task / "children").read_text().split():
-                found.add(int(child))
-                todo.append(int(child))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")  # a zombie has died; only its exit status is left for init
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads children from Linux's /proc")
 @pytest.mark.parametrize("backend", ["pil", "dali"])
@@ -197,17 +180,17 @@ def test_workers_die_with_a_killed_parent(backend, tmp_path, tiny_data):
     children: set[int] = set()
     try:
         assert proc.stdout.readline().strip() == "ready"
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         assert len(children) >= 2  # the two workers (and any helper process)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # (PyTorch's workers check on their parent every 5 s; the kernel's signal is immediate)
         deadline = time.monotonic() + 3
-        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        while any(alive(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [c for c in children if _alive(c)]
+        assert not [c for c in children if alive(c)]
     finally:
         proc.kill()
         for child in children:  # survivors of a failure: not left running
-            if _alive(child):
+            if alive(child):
                 os.kill(child, signal.SIGKILL)
