@@ -14,19 +14,34 @@ same view parameters for a sample (`draws`), decides readability the same way
 
 from __future__ import annotations
 
-from iecl.pipeline.augment import RECIPES
-from iecl.pipeline.errors import DataError
-from iecl.pipeline.folder import ImageList, scan_image_folder
-from iecl.pipeline.sources import BetonFile, open_images
-from iecl.pipeline.spec import BatchPlan, DaliOptions, Loader, LoaderSpec
-from iecl.pipeline.views import MEAN_255, STD_255, ViewBatch
+import importlib
 
 BACKENDS = ("pil", "dali", "ffcv")
+
+#: What this package exports, and the module each comes from. They are imported
+#: on first use (PEP 562), so `import iecl.pipeline.errors` (every command's
+#: error base) does not import torch, and `iecl --help` and argument errors stay fast.
+_EXPORTS = {
+    "RECIPES": "augment", "DataError": "errors", "ImageList": "folder", "scan_image_folder": "folder",
+    "BetonFile": "sources", "open_images": "sources", "BatchPlan": "spec", "DaliOptions": "spec",
+    "Loader": "spec", "LoaderSpec": "spec", "MEAN_255": "views", "STD_255": "views", "ViewBatch": "views",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # once: later lookups are plain
+    return value
 
 
 def build_loader(images: ImageList | BetonFile, spec: LoaderSpec, progress: bool = True) -> Loader:
     """The `spec.backend` loader over `images` (an `ImageList`; a `BetonFile` for ffcv).
     `progress`: a bar for set-up work that takes a while (DALI's image index)."""
+    from iecl.pipeline.errors import DataError
+    from iecl.pipeline.sources import BetonFile
+
     if spec.backend == "ffcv":
         if not isinstance(images, BetonFile):
             raise DataError(f"data.backend=ffcv reads .beton files; convert first: iecl convert {images.root} OUT.beton")

@@ -53,3 +53,22 @@ def test_help_examples_name_folders_runs_really_get():
     for text in (eval_cli.KNN_HELP, eval_cli.LINEVAL_HELP, mi_cli.MI_HELP):
         for name in re.findall(r"runs/([^\s/]+)", text):
             assert re.fullmatch(r"[a-z0-9]+-resnet(18|50)-\d{8}-\d{6}", name), name  # <method>-<backbone>-<stamp>
+
+
+def test_the_mi_parser_names_the_pair_kinds_the_estimator_has():
+    from iecl.train.cli.mi import PAIR_CHOICES
+    from iecl.train.eval.pairs import PAIRS
+
+    assert PAIR_CHOICES == PAIRS
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--bogus"], ["mi"], ["knn", "--nope"], ["validate"]])
+def test_a_train_commands_argument_error_imports_no_torch(argv):
+    import subprocess
+    import sys
+
+    script = ("import sys; from iecl.cli import main\n"
+              "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False).stdout
+    assert out.strip().splitlines()[-1] == "False"
