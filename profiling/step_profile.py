@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from iecl.model.spectral import once_per_step
 from iecl.profiling import checks, stats
@@ -52,6 +53,7 @@ from iecl.profiling.harness import (
     build_harness,
     compile_if_configured,
     describe,
+    progress_bar,
     resident_views,
     run_steps,
     run_windows,
@@ -62,28 +64,30 @@ from iecl.profiling.machine import device_name, versions
 
 
 def profile(cfg, images, steps: int = 10, warmup: int = 5, isolate_iters: int = 10,
-            trace: str | None = None, trace_steps: int = 3, log=print, repeats: int = 3) -> dict:
+            trace: str | None = None, trace_steps: int = 3, log=print, repeats: int = 3, progress: bool = False) -> dict:
     """The whole report as one JSON-serialisable dict. `images=None`: data
     resident on the device (the data stage is then only the host's hand-over)."""
     # The schedule's length: long enough that the profiled steps stay near its start.
     h = build_harness(cfg, images, total_steps=max(warmup + 2 * steps * repeats + trace_steps + 1, 1000))
     try:
-        return _profile(h, cfg, steps, warmup, repeats, isolate_iters, trace, trace_steps, log)
+        return _profile(h, cfg, steps, warmup, repeats, isolate_iters, trace, trace_steps, log, progress)
     finally:
         h.close()
 
 
-def _profile(h: Harness, cfg, steps, warmup, repeats, isolate_iters, trace, trace_steps, log) -> dict:
+def _profile(h: Harness, cfg, steps, warmup, repeats, isolate_iters, trace, trace_steps, log, progress) -> dict:
     views = resident_views(cfg, h.device)
     flop = step_flop(h, *views[0])
     compile_if_configured(h)
     source = batches(h, views)
     log(f"iecl profile: {describe(cfg)}; warming up ({warmup} steps{', compiling' if cfg.train.compile else ''})")
-    warm_s, _ = run_steps(h, source, warmup)
-    log(f"iecl profile: timing {repeats} windows of {steps} steps in place")
-    windows, marked = run_windows(h, source, steps, repeats, first_step=warmup, laps=True)
-    log(f"iecl profile: timing {repeats} windows of {steps} steps with the data on the device")
-    model_windows, _ = run_windows(h, itertools.cycle(views), steps, repeats, first_step=warmup + steps * repeats)
+    with progress_bar(warmup + 2 * steps * repeats, "profile", progress) as bar:  # updates never synchronise
+        warm_s, _ = run_steps(h, source, warmup, on_step=bar.update)
+        log(f"iecl profile: timing {repeats} windows of {steps} steps in place")
+        windows, marked = run_windows(h, source, steps, repeats, first_step=warmup, laps=True, on_step=bar.update)
+        log(f"iecl profile: timing {repeats} windows of {steps} steps with the data on the device")
+        model_windows, _ = run_windows(h, itertools.cycle(views), steps, repeats, first_step=warmup + steps * repeats,
+                                       on_step=bar.update)
     isolated = {}  # --isolate-iters 0: in place only
     if isolate_iters > 0:
         log(f"iecl profile: timing each stage alone ({isolate_iters} times)")
@@ -341,7 +345,8 @@ def run_args(args) -> int:
     images = None if args.data_on_device else resolve_images(cfg.data, progress=not args.no_progress)
     start = time.perf_counter()
     report = profile(cfg, images, args.steps, args.warmup, args.isolate_iters, args.trace, args.trace_steps,
-                     log=lambda text: print(text, file=sys.stderr), repeats=args.repeats)
+                     log=lambda text: tqdm.write(text, file=sys.stderr),  # above the bar, not through it
+                     repeats=args.repeats, progress=not args.no_progress)
     report["command_seconds"] = time.perf_counter() - start
     report["command"] = " ".join(["iecl", *sys.argv[1:]])
     print(format_report(report))

@@ -163,6 +163,7 @@ def test_profile_command_writes_json_and_trace(tmp_path, capfd):
     assert "loader_efficiency" not in report  # no loader: nothing to compare the ceiling with
     printed = "".join(capfd.readouterr())  # file descriptors 1 and 2: where Kineto's C++ writes
     assert "profiler_start" not in printed and "USDT:" not in printed
+    assert "profile:   0%" in printed and "/5 [" in printed  # a bar over warm-up and both timings: 1 + 2 x 2 x 1
 
 
 def test_kineto_markers_are_dropped_and_everything_else_kept(capfd):
