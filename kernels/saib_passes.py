@@ -160,24 +160,39 @@ def patches_kernel(x_ptr, s_b, s_c, s_y, s_x, nmean_ptr, nstd_ptr, pos_ptr, out_
 
 
 @triton.jit
-def act_kernel(z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, res_ptr, out_ptr,
-               ROWS_OUT, R, C, CP, P, ROWS_F,
-               HAS_RES: tl.constexpr, FRAMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = silu(bn(z)) (+ res), plain (R, C') or framed (3 RF, C')."""
+def _row_tile(R, C, CP, P, ROWS_F, FRAMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a plain (R, C') or framed (3 RF, C') pass: its
+    output rows and channels, the plain rows they read, which are real, the
+    masks and the source offsets."""
     offs_f = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     src, valid = _source_row(offs_f, R, P, ROWS_F, FRAMED)
     cmask = offs_c < C
     mask = valid[:, None] & cmask[None, :]
     offsets = src.to(tl.int64)[:, None] * CP + offs_c[None, :]
+    return offs_f, offs_c, src, valid, cmask, mask, offsets
+
+
+@triton.jit
+def _store_rows(out_ptr, value, offs_f, offs_c, CP, ROWS_OUT):
+    """The tile's output rows (padding channels included: they are written as the zeros `value` holds there)."""
+    tl.store(out_ptr + offs_f.to(tl.int64)[:, None] * CP + offs_c[None, :], value.to(out_ptr.dtype.element_ty),
+             mask=(offs_f < ROWS_OUT)[:, None] & (offs_c < CP)[None, :])
+
+
+@triton.jit
+def act_kernel(z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, res_ptr, out_ptr,
+               ROWS_OUT, R, C, CP, P, ROWS_F,
+               HAS_RES: tl.constexpr, FRAMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = silu(bn(z)) (+ res), plain (R, C') or framed (3 RF, C')."""
+    offs_f, offs_c, _, _, cmask, mask, offsets = _row_tile(R, C, CP, P, ROWS_F, FRAMED, BLOCK_R, BLOCK_C)
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     _, y = _bn(z, offs_c, cmask, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr)
     h = y * tl.sigmoid(y)
     if HAS_RES:
         h += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     h = tl.where(mask, h, 0.0)
-    tl.store(out_ptr + offs_f.to(tl.int64)[:, None] * CP + offs_c[None, :], h.to(out_ptr.dtype.element_ty),
-             mask=(offs_f < ROWS_OUT)[:, None] & (offs_c < CP)[None, :])
+    _store_rows(out_ptr, h, offs_f, offs_c, CP, ROWS_OUT)
 
 
 @triton.jit
@@ -235,12 +250,7 @@ def dz_kernel(d_ptr, d_sb, d_sc, d_sy, d_sx, z_ptr, mean_ptr, rstd_ptr, gamma_pt
     """dz = gamma rstd (dy - sum dy / R - xhat sum(dy xhat) / R), dy = d (* silu'(y)),
     plain (R, C') or framed (3 RF, C'); in eval mode dz = gamma rstd dy. d is
     an (R, C') matrix, or (D_IMAGE) the output's gradient as an image."""
-    offs_f = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    src, valid = _source_row(offs_f, R, P, ROWS_F, FRAMED)
-    cmask = offs_c < C
-    mask = valid[:, None] & cmask[None, :]
-    offsets = src.to(tl.int64)[:, None] * CP + offs_c[None, :]
+    offs_f, offs_c, src, valid, cmask, mask, offsets = _row_tile(R, C, CP, P, ROWS_F, FRAMED, BLOCK_R, BLOCK_C)
     if D_IMAGE:
         c, y, x = _pixel(src, P, P * P, Hp, Wp)
         d = _image_tile(d_ptr, c, y, x, valid, offs_c, C, d_sb, d_sc, d_sy, d_sx, d_ptr, d_ptr, False, 0)
@@ -258,8 +268,7 @@ def dz_kernel(d_ptr, d_sb, d_sc, d_sy, d_sx, z_ptr, mean_ptr, rstd_ptr, gamma_pt
     gamma = tl.load(gamma_ptr + offs_c, mask=cmask, other=0.0)
     rstd = tl.load(rstd_ptr + offs_c, mask=cmask, other=0.0)
     dz = tl.where(mask, d * (gamma * rstd)[None, :], 0.0)
-    tl.store(out_ptr + offs_f.to(tl.int64)[:, None] * CP + offs_c[None, :], dz.to(out_ptr.dtype.element_ty),
-             mask=(offs_f < ROWS_OUT)[:, None] & (offs_c < CP)[None, :])
+    _store_rows(out_ptr, dz, offs_f, offs_c, CP, ROWS_OUT)
 
 
 @triton.jit
