@@ -213,31 +213,28 @@ class BadFiles:
     """The run's unreadable images, each file counted once however often it is
     met (every epoch, on any rank, before or after a resume).
 
-    Loaders list "path (reason)" entries in `bad_files`; the path identifies
-    the file. `known` are the run's files as of the last checkpoint (the same
-    on every rank); `new` this rank's since. Each rank reports `count()` to the
-    step's agreement, which sums them: rank 0 adds `known`, every rank its
-    `new`. A file first met on two ranks in the same stretch counts twice
-    until the next checkpoint merges the ranks' sets."""
+    Loaders name each file once, as the same "path (reason)" string in every
+    backend (pipeline/bad_files.py), so the string identifies the file.
+    `known` are the run's files as of the last checkpoint (the same on every
+    rank); `new` this rank's since. Each rank reports `count()` to the step's
+    agreement, which sums them: rank 0 adds `known`, every rank its `new`. A
+    file first met on two ranks in the same stretch counts twice until the
+    next checkpoint merges the ranks' sets."""
 
     def __init__(self, known: list[str], main: bool) -> None:
-        self.known = {_file_of(name): name for name in known}
-        self.new: dict[str, str] = {}
+        self.known, self.new = set(known), set()
         self.main = main
         self.seen = 0  # entries of the loader's list already read
         self.latest: str | None = None
 
     def update(self, found: list[str]) -> list[str]:
         """Read the loader's list -> the entries of files not met before."""
-        fresh = []
         if len(found) < self.seen:  # a loader that started its list again
             self.seen = 0
-        for name in found[self.seen:]:
-            key = _file_of(name)
-            if key not in self.known and key not in self.new:
-                self.new[key] = name
-                fresh.append(name)
-            self.latest = name
+        fresh = [name for name in found[self.seen:] if name not in self.known and name not in self.new]
+        self.new.update(fresh)
+        if len(found) > self.seen:
+            self.latest = found[-1]
         self.seen = len(found)
         return fresh
 
@@ -247,15 +244,9 @@ class BadFiles:
     def merge_ranks(self) -> list[str]:
         """All ranks' files in one sorted list (a collective under a process
         group); they become the `known` of every rank."""
-        merged = ddp.union_over_ranks([*self.known.values(), *self.new.values()])
-        self.known, self.new = {_file_of(name): name for name in merged}, {}
+        merged = ddp.union_over_ranks([*self.known, *self.new])
+        self.known, self.new = set(merged), set()
         return merged
-
-
-def _file_of(entry: str) -> str:
-    """'path (reason)' -> 'path'."""
-    path, sep, _ = entry.partition(" (")
-    return path if sep else entry
 
 
 def checkpoint_state(t: Training, pos: Position, bad_files: list[str] = ()) -> dict:
