@@ -42,7 +42,32 @@ def triton_available(device: torch.device | str) -> tuple[bool, str]:
         module = sys.modules.get(name)
         if module is not None and any(type(v).__name__ == "JITFunction" for v in vars(module).values()):
             return False, "TRITON_INTERPRET=1 was set after the kernels were imported; set it before starting Python"
+    return interpreter_numpy_check()
+
+
+def interpreter_numpy_check() -> tuple[bool, str]:
+    """Triton 3.6's interpreter (and earlier) turns a kernel's integer argument
+    into a Python int with `int(array_of_shape_1)`, which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars", from the
+    first loop over a run-time bound); Triton 3.7 fixed it. Seen with Triton
+    3.6.0 and NumPy 2.4.6 (2.3.5 works)."""
+    triton_version, numpy_version = _version("triton"), _version("numpy")
+    if triton_version < (3, 7) and numpy_version >= (2, 4):
+        found = f"triton {'.'.join(map(str, triton_version))} with numpy {'.'.join(map(str, numpy_version))}"
+        return False, (f"the interpreter of Triton before 3.7 fails with NumPy 2.4 or newer ({found}): "
+                       "pip install 'numpy<2.4' or a newer triton")
     return True, ""
+
+
+def _version(dist: str) -> tuple[int, int]:
+    """(major, minor) of an installed distribution, read without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = version(dist).split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError):
+        return (0, 0)
 
 
 def warn_fallback(what: str, reason: str) -> None:

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from iecl.pipeline.augment import sample_crop
+from iecl.pipeline.bad_files import BadFileLog
 from iecl.pipeline.decode import DECODE_ERRORS, decode_rgb, describe
 from iecl.pipeline.errors import DataError
 from iecl.pipeline.folder import ImageList
@@ -81,7 +82,8 @@ def view_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 class EvalDataset(Dataset):
-    """Item (epoch, index) -> (uint8 HWC view or None if unreadable, label, reason or None)."""
+    """Item (epoch, index) -> (uint8 HWC view or None if unreadable, label,
+    None or (name relative to the data root, reason))."""
 
     def __init__(self, images: ImageList, image_size: int, train_augment: bool, seed: int) -> None:
         self.images, self.image_size = images, image_size
@@ -96,7 +98,7 @@ class EvalDataset(Dataset):
         try:
             img = decode_rgb(self.images.read(index))
         except DECODE_ERRORS as err:
-            return None, label, f"{self.images.name(index)} ({describe(err)})"
+            return None, label, (self.images.relative_name(index), describe(err))
         if self.train_augment:
             view = augmented_view(img, self.image_size, view_rng(self.seed, epoch, index))
         else:
@@ -105,7 +107,7 @@ class EvalDataset(Dataset):
 
 
 def collate_eval(items: list):
-    """-> (uint8 (B, H, W, 3) or None when every image failed, int64 labels (B,), skipped names)."""
+    """-> (uint8 (B, H, W, 3) or None when every image failed, int64 labels (B,), (name, reason) of each skipped image)."""
     kept = [(view, label) for view, label, _ in items if view is not None]
     skipped = [reason for _, _, reason in items if reason is not None]
     if not kept:
@@ -172,8 +174,7 @@ class EvalLoader:
     ) -> None:
         self.device = torch.device(device)
         self.images = images
-        self.bad_files: list[str] = []
-        self._bad_seen: set[str] = set()
+        self._bad = BadFileLog(images)  # each unreadable file once, however many epochs meet it
         self.sampler = EvalBatchSampler(len(images), batch_size, train_augment, seed, rank, world_size)
         self.mean = torch.tensor(MEAN_255, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(STD_255, dtype=torch.float32, device=self.device)
@@ -182,6 +183,11 @@ class EvalLoader:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    @property
+    def bad_files(self) -> list[str]:
+        """Each unreadable image once, "name (reason)", the name relative to the data root."""
+        return self._bad.names
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
@@ -199,10 +205,8 @@ class EvalLoader:
             raise RuntimeError("EvalLoader is closed")
         yielded = 0
         for views, labels, skipped in self.loader:
-            for name in skipped:
-                if name not in self._bad_seen:
-                    self._bad_seen.add(name)
-                    self.bad_files.append(name)
+            for name, reason in skipped:
+                self._bad.add(name, reason)
             if views is None:
                 continue
             views = views.to(self.device, non_blocking=True)

@@ -108,6 +108,25 @@ def test_a_failing_part_is_recorded_and_the_rest_run(tmp_path):
     assert main(["report", "--out", str(out), "--data", str(empty), "--parts", "machine"]) == 2
 
 
+def test_a_failed_part_is_named_by_its_exception_not_its_progress_bar(tmp_path):
+    """As logged by a part that failed inside a progress bar (Triton's interpreter
+    on torch 2.11): the bar is redrawn after the traceback, its last line."""
+    from iecl.profiling.report.runner import _last_error
+
+    log = tmp_path / "saib.log"
+    log.write_text("bench saib:   0%|          | 0/6 [00:00<?, ?run/s]\rbench saib:  50%|#####     | 3/6 [triton]"
+                   "Traceback (most recent call last):\n  File \"k.py\", line 9, in k\n"
+                   "TypeError: only 0-dimensional arrays can be converted to Python scalars\n\n"
+                   "The above exception was the direct cause of the following exception:\n\n"
+                   "triton.runtime.errors.InterpreterError: TypeError('only 0-dimensional arrays')\n"
+                   "bench saib:  50%|#####     | 3/6 [00:00<00:00,  3.68run/s, triton]\n")
+    assert _last_error(log) == "triton.runtime.errors.InterpreterError: TypeError('only 0-dimensional arrays')"
+    log.write_text("making synthetic images: 100%|##########| 32/32\nno images under /data\n")
+    assert _last_error(log) == "no images under /data"
+    log.write_text("")
+    assert _last_error(log) == "exited with no output"
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["report", "--out", str(tmp_path / "r"), "--parts", "nope"]) == 2
     assert "unknown report part 'nope'" in capsys.readouterr().err

@@ -202,6 +202,20 @@ def test_kernel_switches_reach_the_model_and_the_loop(tmp_path, tiny_data, monke
     assert any("TRITON_INTERPRET=1" in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize(("triton", "numpy", "ok"), [((3, 6), (2, 4), False), ((3, 6), (2, 3), True),
+                                                    ((3, 7), (2, 4), True), ((3, 9), (2, 5), True)])
+def test_interpreter_known_to_fail_with_this_numpy_falls_back(monkeypatch, triton, numpy, ok):
+    """Triton 3.6's interpreter cannot run with NumPy 2.4 (seen on the GPU
+    machine's Triton); that pairing is refused with the fix named, not left to
+    fail inside a kernel."""
+    from iecl.kernels import _triton
+
+    monkeypatch.setattr(_triton, "_version", lambda dist: {"triton": triton, "numpy": numpy}[dist])
+    available, reason = _triton.interpreter_numpy_check()
+    assert available == ok
+    assert ok or "numpy<2.4" in reason
+
+
 def test_the_entry_point_equals_the_step_on_prepared_views(tiny_data, tmp_path):
     """The loop's entry point (uint8 views, preparation inside the method, the
     query's fused into SAIB) computes exactly what the step on prepared views does."""

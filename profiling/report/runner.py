@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,9 +223,22 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+#: a progress bar's redraw ("desc:  50%|#####     | 3/6 [...]"), which is no error
+_PROGRESS = re.compile(r"\d+%\|")
+#: the last line of a Python traceback ("ValueError: ...", "triton.runtime.errors.InterpreterError: ...")
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+
+
 def _last_error(log_path: Path) -> str:
-    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "exited with no output"
+    """What a failed part's log says went wrong: the last exception line of a
+    traceback if there is one, else the last line that is not a progress bar's
+    redraw (a bar interrupted by the error would otherwise stand in for it)."""
+    text = log_path.read_text(errors="replace").replace("\r", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not _PROGRESS.search(line)]
+    exceptions = [line for line in lines if _EXCEPTION.match(line)]
+    if exceptions:
+        return exceptions[-1]
+    return lines[-1] if lines else "exited with no output"
 
 
 def pack(out: Path) -> Path:
