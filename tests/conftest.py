@@ -17,10 +17,24 @@ import torch  # (does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+_LAUNCHER = Path(__file__).resolve().parent.parent / "__main__.py"
 try:
     import iecl  # noqa: F401  (installed: pip install -e .)
+
+    INSTALLED = True
 except ModuleNotFoundError:  # a plain checkout (a GPU machine with no package index): the launcher makes it iecl
-    runpy.run_path(str(Path(__file__).resolve().parent.parent / "__main__.py"), run_name="iecl_checkout")
+    runpy.run_path(str(_LAUNCHER), run_name="iecl_checkout")
+    INSTALLED = False
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """The argv of `python -m MODULE ARGS` in a fresh process, installed or
+    from a plain checkout (there the launcher first makes the checkout iecl)."""
+    if INSTALLED:
+        return [sys.executable, "-m", module, *args]
+    code = (f"import runpy; runpy.run_path({str(_LAUNCHER)!r}, run_name='iecl_checkout'); "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code, *args]
 
 # Our folders are importable only as iecl.*: with the checkout itself on sys.path
 # (`python -m pytest` puts the working directory there), a string target such as

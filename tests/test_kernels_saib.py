@@ -14,11 +14,11 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
+from conftest import module_command
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytest.importorskip("triton")
@@ -310,7 +310,7 @@ def test_gemms_compile_to_pipelined_wgmma_with_tma_for_sm90(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "-m", "iecl.kernels.saib_sm90"], cwd=tmp_path, env=env,
+    proc = subprocess.run(module_command("iecl.kernels.saib_sm90"), cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
