@@ -52,7 +52,10 @@ are upright, so crop boxes are drawn on the pixels actually decoded.
 nvJPEG and executor settings (`DaliOptions`: memory padding and preallocation
 hints, `hw_decoder_load`, threads, prefetch depth) default to the values of
 NVIDIA's DeepLearningExamples RN50 pipeline and DALI's own; their effect shows
-on a GPU only, and is not measured on the CPU machine that made this version.
+on a GPU only, and is not measured on the CPU machine that made this version
+(`iecl bench loader --hw-decoder-load ...` and `iecl report` time it there).
+`DaliDecodeOnly` is the same loader stopped after the decode: decoding's own
+images/s, the loader's decode ceiling (`iecl bench loader --decode-only`).
 """
 
 from __future__ import annotations
@@ -126,11 +129,10 @@ def _decoder_options(options: DaliOptions, gpu: bool) -> dict:
     }
 
 
-def _build_graph(source: BatchSource, *, image_size: int, gpu: bool, parallel: bool, decode: str,
-                 options: DaliOptions):
-    """The DALI graph of `pipeline/augment.py`'s `apply_view`, twice; returns its outputs."""
+def _read(source: BatchSource, *, parallel: bool, options: DaliOptions):
+    """The graph's input: the batch source's outputs, each file's bytes read by DALI
+    (`fn.io.file.read`) or handed over by the source (tar members)."""
     from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
 
     data, label, skipped, *vectors = fn.external_source(
         source=source,
@@ -143,29 +145,43 @@ def _build_graph(source: BatchSource, *, image_size: int, gpu: bool, parallel: b
         ndim=[1, 0, 0, 1, 1],
     )
     encoded = fn.io.file.read(data) if source.by_path else data
-    decoder = {**_decoder_options(options, gpu), "output_type": types.RGB}  # (types: imported here)
-    decoder_device = "mixed" if gpu else "cpu"
+    return encoded, label, skipped, vectors
+
+
+def _decoders(encoded, vectors, *, gpu: bool, decode: str, options: DaliOptions) -> list:
+    """The decoded pixels each view is cut from: decode="shared", one full decode
+    per image (the same node for both views); "window", each view's crop window
+    only (two partial decodes). `mixed` (nvJPEG) on a GPU, `cpu` (libjpeg-turbo)
+    otherwise, with `_decoder_options`. The real graph and the decode-only one
+    (`_build_decode_only_graph`) both decode here, so they decode alike."""
+    from nvidia.dali import fn, types
+
+    decoder = {**_decoder_options(options, gpu), "output_type": types.RGB}
+    device = "mixed" if gpu else "cpu"
+    if decode == "shared":
+        return [fn.decoders.image(encoded, device=device, **decoder)] * len(vectors)
+    return [fn.decoders.image_slice(encoded, vec[0:2], vec[2:4], device=device, normalized_anchor=False,
+                                    normalized_shape=False, **decoder) for vec in vectors]
+
+
+def _build_graph(source: BatchSource, *, image_size: int, gpu: bool, parallel: bool, decode: str,
+                 options: DaliOptions):
+    """The DALI graph of `pipeline/augment.py`'s `apply_view`, twice; returns its outputs."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    encoded, label, skipped, vectors = _read(source, parallel=parallel, options=options)
     on_device = (lambda node: node.gpu()) if gpu else (lambda node: node)
     arithmetic_contrast = gpu if options.arithmetic_contrast is None else options.arithmetic_contrast
     resize = {"size": (image_size, image_size), "interp_type": types.INTERP_LINEAR, "antialias": True}
-    if decode == "shared":
-        decoded = fn.decoders.image(encoded, device=decoder_device, **decoder)
+    decoded = _decoders(encoded, vectors, gpu=gpu, decode=decode, options=options)
 
     views = []
-    for vec in vectors:
+    for vec, pixels in zip(vectors, decoded):
         if decode == "shared":  # crop, resize and flip in one resampling pass
-            view = fn.resize(decoded, roi_start=vec[P_ROI_START], roi_end=vec[P_ROI_END], roi_relative=False, **resize)
-        else:  # two windowed decodes: only the crop's pixels are decoded
-            window = fn.decoders.image_slice(
-                encoded,
-                vec[0:2],
-                vec[2:4],
-                device=decoder_device,
-                normalized_anchor=False,
-                normalized_shape=False,
-                **decoder,
-            )
-            view = fn.resize(window, roi_start=vec[P_REL_START], roi_end=vec[P_REL_END], roi_relative=True, **resize)
+            view = fn.resize(pixels, roi_start=vec[P_ROI_START], roi_end=vec[P_ROI_END], roi_relative=False, **resize)
+        else:  # the decoded window is the crop: resize and flip it
+            view = fn.resize(pixels, roi_start=vec[P_REL_START], roi_end=vec[P_REL_END], roi_relative=True, **resize)
 
         # Colour jitter in a fixed order (see the module docstring): brightness and
         # contrast commute exactly (the centre scales with the image), so they are one
@@ -191,6 +207,25 @@ def _build_graph(source: BatchSource, *, image_size: int, gpu: bool, parallel: b
         view = view ^ ((view >= 128) * mask)
         views.append(view)
     return (*views, on_device(label), skipped)
+
+
+def _build_decode_only_graph(source: BatchSource, *, gpu: bool, parallel: bool, decode: str,
+                             options: DaliOptions):
+    """Decoding alone, to time it (`DaliDecodeOnly`): the real graph's source, file
+    reading and decoder(s) with the same options, then no pixel work but a
+    one-pixel crop of each decoded image. The crop is what makes the batch an
+    output: DALI prunes a node whose output nothing uses, and a kernel that
+    reads the decoded pixels, in stream order after the decoder, is what a
+    clock reading after the output's copy waits for (a shape alone is known
+    before nvJPEG's kernels finish). Returns (pixels..., label, skipped), one
+    (B, 1, 1, 3) uint8 output per decode (one for "shared", two for "window")."""
+    from nvidia.dali import fn
+
+    encoded, label, skipped, vectors = _read(source, parallel=parallel, options=options)
+    decoded = _decoders(encoded, vectors, gpu=gpu, decode=decode, options=options)
+    distinct = decoded[:1] if decode == "shared" else decoded
+    pixels = [fn.crop(node, crop=(1, 1)) for node in distinct]
+    return (*pixels, label.gpu() if gpu else label, skipped)
 
 
 def _shift_hue(view, sextants):
@@ -288,14 +323,24 @@ class DaliLoader:
             py_start_method=start_method,
         )
         with pipe:
-            pipe.set_outputs(
-                *_build_graph(source, image_size=self.plan.image_size, gpu=gpu, parallel=parallel,
-                              decode=self.decode, options=self.options)
-            )
+            pipe.set_outputs(*self._graph(source, gpu=gpu, parallel=parallel))
         self._pipe = pipe
         with parent_death_signal():  # DALI's Python workers (tar shards) die with this process
             pipe.build()
         self._cursor = (epoch, start_batch)
+
+    def _graph(self, source: BatchSource, *, gpu: bool, parallel: bool) -> tuple:
+        """The graph's outputs: (anchor, query, label, skipped)."""
+        return _build_graph(source, image_size=self.plan.image_size, gpu=gpu, parallel=parallel,
+                            decode=self.decode, options=self.options)
+
+    def _deliver(self, pixels: list, label):
+        """One batch from the graph's pixel outputs and labels."""
+        return ViewBatch(
+            self._to_torch(pixels[0], torch.uint8),
+            self._to_torch(pixels[1], torch.uint8),
+            self._to_torch(label, torch.int64).to(self.device, non_blocking=True),
+        )
 
     def _indices(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -364,16 +409,12 @@ class DaliLoader:
             self._build(epoch, start_batch)  # a jump (resume, repeat): restart the source there
         for batch in range(start_batch, batches):
             self._cursor = None  # unknown until this batch is delivered
-            anchor, query, label, skipped = self._run(epoch, batch)
+            *pixels, label, skipped = self._run(epoch, batch)
             self._cursor = (epoch, batch + 1)
             skipped = np.array(skipped.as_tensor()).reshape(-1)
             if skipped.any():
                 self._note_skipped(epoch, batch, skipped)
-            yield ViewBatch(
-                self._to_torch(anchor, torch.uint8),
-                self._to_torch(query, torch.uint8),
-                self._to_torch(label, torch.int64).to(self.device, non_blocking=True),
-            )
+            yield self._deliver(pixels, label)
 
     def close(self) -> None:
         """Stop the DALI pipeline and its worker processes (safe to call again)."""
@@ -390,3 +431,26 @@ class DaliLoader:
             self.close()
         except Exception:  # noqa: BLE001, S110 - interpreter shutdown: DALI may already be gone
             pass
+
+
+class DaliDecodeOnly(DaliLoader):
+    """Decoding alone, for timing (`iecl bench loader --decode-only`): a `DaliLoader`
+    (same sampler order, file reading, threads, prefetch and decoder with the
+    same options) whose graph stops after the decode (`_build_decode_only_graph`).
+    Its images/s is the loader's decode ceiling on this machine; beside the
+    full loader's, the share of the loader's time per image that decoding
+    alone takes. Not a training loader: each batch is `(pixels, label)`, with
+    `pixels` one (B, 1, 1, 3) uint8 tensor per decode, a pixel of each image."""
+
+    def _build(self, epoch: int, start_batch: int) -> None:
+        # The source still draws the views' parameters, as for the real loader (its
+        # Python work is the same); with decode="shared" the graph leaves them unused.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The external source node", category=Warning)
+            super()._build(epoch, start_batch)
+
+    def _graph(self, source: BatchSource, *, gpu: bool, parallel: bool) -> tuple:
+        return _build_decode_only_graph(source, gpu=gpu, parallel=parallel, decode=self.decode, options=self.options)
+
+    def _deliver(self, pixels: list, label) -> tuple:
+        return tuple(self._to_torch(p, torch.uint8) for p in pixels), self._to_torch(label, torch.int64)

@@ -62,8 +62,16 @@ windows' IQR and min-max.
 For ffcv, DATA may be a .beton, or a folder that is converted once into
 --beton (default: under ~/.cache/iecl/bench) and reused.
 
+For dali, with two --decode modes the output says which was faster and by
+how much (with the windows' spread); --decode-only also times decoding alone
+(same reader, files and decoder options, no crop, resize or colour work) and
+prints decoding's share of the loader's time per image; --hw-decoder-load
+times the loader at each value of dali.hw_decoder_load (nvJPEG's hardware
+decoder share: GPUs only; on a CPU one run stands for all, and says so).
+
   iecl bench loader --backend pil --data /data/synthetic-10k --batch-size 256 --steps 10 --repeats 5 --workers 16
   iecl bench loader --backend dali --decode shared window --data /data/synthetic-10k --device cuda --json dali.json
+  iecl bench loader --backend dali --decode-only --hw-decoder-load 0 0.65 0.9 --data /data/synthetic-10k --device cuda
 """
 
 
@@ -89,6 +97,13 @@ def register(commands) -> None:
     p.add_argument("--workers", type=int, default=None, help="loader processes/threads (default: all cores)")
     p.add_argument("--recipe", choices=("mocov2", "simclr", "byol"), default="mocov2", help="augmentation recipe")
     p.add_argument("--decode", nargs="+", choices=("shared", "window"), default=["shared"], help="dali decode mode(s)")
+    p.add_argument("--decode-only", action="store_true",
+                   help="dali: also time decoding alone for each run (same reader, files and decoder options; no crop, "
+                        "resize or colour work), and print its share of the loader's time per image")
+    p.add_argument("--hw-decoder-load", nargs="+", type=float, metavar="SHARE",
+                   help="dali: time each of these dali.hw_decoder_load values, the share of each batch nvJPEG gives "
+                        "the hardware JPEG decoder (A100/H100/H200; ignored on a CPU, where one run stands for all) "
+                        "(default: the shipped 0.65)")
     p.add_argument("--beton", metavar="PATH",
                    help="ffcv: where to write/read the converted folder (default: under ~/.cache/iecl/bench)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed")

@@ -51,3 +51,69 @@ def test_bench_saib_reference_at_toy_size(capsys, tmp_path):
     assert record["results"]["reference"]["forward_ms_stats"]["n"] == 2 and record["flags"] == []
     assert main(["bench", "saib", "--impls", "nope"]) == 2
     assert "unknown --impls" in capsys.readouterr().err
+
+
+def test_bench_loader_dali_decode_only_and_decode_modes(capsys, tmp_path, tiny_data):
+    """--decode-only times DALI's decoding alone beside each loader run; with two
+    --decode modes the output names the faster; --hw-decoder-load on a CPU runs
+    one value and says that the option does nothing there."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "dali.json"
+    code = main(["bench", "loader", "--backend", "dali", "--decode", "shared", "window", "--decode-only",
+                 "--hw-decoder-load", "0", "0.9", "--data", str(tiny_data), "--batch-size", "8", "--image-size", "32",
+                 "--steps", "2", "--repeats", "3", "--warmup", "1", "--workers", "1", "--device", "cpu",
+                 "--no-progress", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    runs = record["runs"]
+    assert [r["label"] for r in runs] == ["dali/shared", "dali/shared/decode-only", "dali/window",
+                                          "dali/window/decode-only"]
+    assert [r["decode_only"] for r in runs] == [False, True, False, True]
+    assert all(r["img_per_s"] > 0 and r["img_per_s_stats"]["n"] == 3 for r in runs)
+    assert all(r["decoder"] == "cpu" and r["hw_decoder_load"] is None for r in runs)  # not applied on a CPU
+    found = record["findings"]
+    assert set(found) == {"decode_modes", "decode_share"}  # no hw_decoder_load sweep on a CPU
+    [modes] = found["decode_modes"]
+    assert {modes["winner"], modes["loser"]} == {"shared", "window"} and modes["ratio"]["value"] >= 1
+    assert [s["decode"] for s in found["decode_share"]] == ["shared", "window"]
+    for share, (loader, only) in zip(found["decode_share"], [(runs[0], runs[1]), (runs[2], runs[3])]):
+        assert share["share"]["value"] == pytest.approx(loader["img_per_s_stats"]["median"]
+                                                        / only["img_per_s_stats"]["median"])
+    assert "does nothing on cpu" in text and f"decode: {modes['winner']} beat {modes['loser']}" in text
+    assert "of the loader's time per image" in text and "dali/window/decode-only" in text
+
+
+def test_bench_loader_dali_flags_need_dali(capsys, tiny_data):
+    assert main(["bench", "loader", "--data", str(tiny_data), "--decode-only", "--device", "cpu"]) == 2
+    assert "add dali to --backend" in capsys.readouterr().err
+
+
+def test_bench_loader_help_shows_the_shipped_hw_decoder_load(capsys):
+    from iecl.pipeline import DaliOptions
+
+    with pytest.raises(SystemExit):
+        main(["bench", "loader", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: the shipped {DaliOptions().hw_decoder_load:g})" in text and "--decode-only" in text
+
+
+def test_findings_of_a_hw_decoder_load_sweep():
+    """findings() on GPU-shaped records (made up here: a CPU cannot run the sweep)."""
+    from iecl.profiling import stats
+    from iecl.profiling.bench_loader import DEFAULT_HW_DECODER_LOAD, findings
+
+    def run(decode, rates, hw, only=False):
+        return {"backend": "dali", "decode": decode, "decode_only": only, "decoder": "mixed", "hw_decoder_load": hw,
+                "img_per_s": stats.summary(rates)["median"], "img_per_s_stats": stats.summary(rates)}
+
+    runs = [run("shared", [500, 510, 520], DEFAULT_HW_DECODER_LOAD), run("window", [400, 405, 410], DEFAULT_HW_DECODER_LOAD),
+            run("shared", [900, 910, 920], DEFAULT_HW_DECODER_LOAD, only=True),
+            run("shared", [300, 310, 320], 0.0), run("shared", [600, 610, 620], 0.9),
+            {"backend": "dali", "decode": "shared", "hw_decoder_load": 0.5, "error": "failed"}]
+    found = findings(runs)
+    assert found["decode_modes"][0]["winner"] == "shared" and found["decode_modes"][0]["beyond_noise"] is True
+    assert found["decode_share"][0]["share"]["value"] == pytest.approx(510 / 910)
+    [sweep] = found["hw_decoder_load"]
+    assert [r["value"] for r in sweep["runs"]] == [0.0, DEFAULT_HW_DECODER_LOAD, 0.9] and sweep["best"] == 0.9
+    assert sweep["best_over_default"]["value"] == pytest.approx(610 / 510) and sweep["beyond_noise"] is True

@@ -371,3 +371,73 @@ def _source(loader):
     from iecl.pipeline.dali_source import BatchSource
 
     return BatchSource(loader.images, loader.index, loader.plan, loader.sampler, 0, 0)
+
+
+@pytest.mark.parametrize("decode", ["shared", "window"])
+def test_decode_only_reads_the_same_batches_and_decodes_them(images, decode):
+    """DaliDecodeOnly (the decode-only timing of `iecl bench loader`): the loader's
+    batches, labels and length, one one-pixel output per decode, no views."""
+    from iecl.pipeline.dali import DaliDecodeOnly
+
+    full = _epoch(_dali(images, decode=decode), 1)
+    only = _dali_decode_only(images, decode=decode)
+    batches = _epoch(only, 1)
+    assert len(batches) == len(full) == len(only) == 6
+    for (pixels, label), views in zip(batches, full):
+        assert torch.equal(label, views.label)
+        assert len(pixels) == (1 if decode == "shared" else 2)
+        assert all(p.shape == (4, 1, 1, 3) and p.dtype == torch.uint8 for p in pixels)
+    assert batches[0][0][0].float().std() > 0  # decoded pixels, not a constant
+    assert isinstance(only, DaliDecodeOnly) and only.bad_files == []
+    only.close()
+
+
+def _dali_decode_only(images, *, batch=4, size=32, **kw):
+    from iecl.pipeline.dali import DaliDecodeOnly
+
+    return DaliDecodeOnly(images, BatchPlan(MOCOV2, batch, size, 0, 0, CPU), **kw)
+
+
+def test_hw_decoder_load_reaches_nvjpeg_in_both_graphs(images, monkeypatch):
+    """dali.hw_decoder_load (and every other decoder option) reaches the GPU's
+    `mixed` decoder, alike in the real graph and the decode-only one; the CPU
+    decoder, which has no hardware decoder, gets none of nvJPEG's options. The
+    GPU graphs are defined, not built: no GPU is needed."""
+    from nvidia.dali import fn
+    from nvidia.dali.pipeline import Pipeline
+
+    from iecl.pipeline import dali as dali_module
+
+    options = DaliOptions(hw_decoder_load=0.9)
+    assert dali_module._decoder_options(options, gpu=True)["hw_decoder_load"] == 0.9
+    assert "hw_decoder_load" not in dali_module._decoder_options(options, gpu=False)
+    calls = []
+    for name in ("image", "image_slice"):
+        real = getattr(fn.decoders, name)
+
+        def record(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fn.decoders, name, record)
+    loader = _dali(images)
+    source = _source(loader)
+    for decode in ("shared", "window"):
+        seen = {}
+        for graph in ("real", "decode-only"):
+            calls.clear()
+            with Pipeline(batch_size=4, num_threads=1, device_id=None):
+                if graph == "real":
+                    dali_module._build_graph(source, image_size=32, gpu=True, parallel=False, decode=decode,
+                                             options=options)
+                else:
+                    dali_module._build_decode_only_graph(source, gpu=True, parallel=False, decode=decode,
+                                                         options=options)
+            assert len(calls) == (1 if decode == "shared" else 2)
+            for op, kwargs in calls:
+                assert op == ("image" if decode == "shared" else "image_slice")
+                assert kwargs["device"] == "mixed" and kwargs["hw_decoder_load"] == 0.9
+                assert kwargs["device_memory_padding"] == options.device_memory_padding
+            seen[graph] = [kwargs for _, kwargs in calls]
+        assert seen["real"] == seen["decode-only"]
+    loader.close()

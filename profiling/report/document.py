@@ -250,6 +250,91 @@ def _loader(r: dict | None) -> list[str]:
     lines += [f"- {backend}: not run ({why})" for backend, why in r.get("skipped", {}).items()]
     if r.get("ffcv_conversion_seconds") is not None:
         lines.append(f"- FFCV conversion (once, not timed above): {r['ffcv_conversion_seconds']:.0f} s")
+    return lines + _decode_mode(r) + _decode_alone(r) + _hw_decoder_load(r)
+
+
+def _times(ratio: dict) -> str:
+    """'1.26x (1.21-1.59x)': a stats.ratio with the interval its windows allow."""
+    return _speedup_text(ratio)
+
+
+def _verdict(beyond: bool | None) -> str:
+    return {True: "beyond noise", False: "within noise"}.get(
+        beyond, f"noise not known: fewer than {stats.MIN_WINDOWS} windows")
+
+
+def _decode_mode(r: dict) -> list[str]:
+    """Which DALI decode mode won (`findings.decode_modes`), for data.decode's default."""
+    rows = [row for row in _get(r, "findings", "decode_modes") or [] if row["hw_decoder_load"] in (None, r.get(
+        "hw_decoder_load", {}).get("default"))]
+    if not rows:
+        return []
+    row = rows[0]
+    change = {True: ("shared is the shipped data.decode: keep it" if row["winner"] == "shared"
+                     else "the shipped data.decode is shared: this run says window"),
+              False: "no reason from this run to change the shipped data.decode, shared",
+              None: "too few windows to set data.decode's default from"}[row["beyond_noise"]]
+    return ["", (f"DALI decode modes: **{row['winner']}** was faster than {row['loser']}, "
+                 f"{row['winner_img_per_s']['median']:,.0f} vs {row['loser_img_per_s']['median']:,.0f} img/s: "
+                 f"{_times(row['ratio'])}, {_verdict(row['beyond_noise'])} ({change}).")]
+
+
+def _decode_alone(r: dict) -> list[str]:
+    """Decoding alone beside the full loader (`decode_only`, `findings.decode_share`)."""
+    runs = r.get("decode_only")
+    if runs is None:
+        return []
+    lines = ["", ("Decoding alone (`iecl bench loader --decode-only`: the same reader, files, threads and decoder with "
+                  "the same options, no crop, resize or colour work; the decoder's limit on this machine). "
+                  "Decode's share = the loader's img/s over decoding's: the share of the loader's time per image "
+                  "that decoding alone takes (DALI overlaps its stages: the rest is what the views' work adds)."), "",
+             "| run | decoder | windows | decode-only img/s | the loader's img/s | decode's share of the loader's time |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    shares = {(row["decode"], row["hw_decoder_load"]): row for row in _get(r, "findings", "decode_share") or []}
+    for run in runs:
+        name = run.get("label") or f"dali/{run['decode']}/decode-only"
+        if "error" in run:
+            lines.append(f"| {name} | failed: {run['error'].splitlines()[-1]} | | | | |")
+            continue
+        rate = stats.of(run.get("img_per_s_stats") or run["img_per_s"])
+        share = shares.get((run["decode"], run.get("hw_decoder_load")))
+        decoder = {"mixed": "mixed (nvJPEG)", "cpu": "cpu (libjpeg-turbo)"}.get(run.get("decoder"), "-")
+        loader = stats.fmt_short(share["loader_img_per_s"], 0, thousands=True) if share else "-"
+        part = (f"{100 * share['share']['value']:.0f}% ({100 * share['share']['low']:.0f}-"
+                f"{100 * share['share']['high']:.0f}%)" if share else "-")
+        lines.append(f"| {name} | {decoder} | {rate['n']} | {stats.fmt_short(rate, 0, thousands=True)} | {loader} | "
+                     f"{part} |")
+    return lines
+
+
+def _hw_decoder_load(r: dict) -> list[str]:
+    """The loader at several dali.hw_decoder_load values (GPUs only)."""
+    sweep = r.get("hw_decoder_load")
+    if not sweep:
+        return []
+    if sweep.get("not_measured"):
+        return ["", f"- dali.hw_decoder_load: not measured: {sweep['not_measured']}."]
+    default = sweep["default"]
+    shipped = next((run for run in r["runs"] if run.get("backend") == "dali" and run.get("decode") == sweep["decode"]
+                    and "error" not in run), None)
+    lines = ["", (f"dali.hw_decoder_load (the share of each batch nvJPEG gives the hardware JPEG decoder), "
+                  f"dali/{sweep['decode']}; the shipped {default:g} is the dali/{sweep['decode']} run above:"), "",
+             "| hw_decoder_load | windows | img/s | vs the shipped |", "| ---: | ---: | ---: | ---: |"]
+    base = stats.of(shipped.get("img_per_s_stats") or shipped["img_per_s"]) if shipped else None
+    rows = [(default, shipped)] + [(run.get("hw_decoder_load"), run) for run in sweep["runs"]]
+    for value, run in sorted(rows, key=lambda row: row[0] if row[0] is not None else -1):
+        shown = f"{value:g}" + (" (shipped)" if value == default else "")
+        if run is None or "error" in run:
+            why = run["error"].splitlines()[-1] if run else "not run"
+            lines.append(f"| {shown} | | failed: {why} | |")
+            continue
+        rate = stats.of(run.get("img_per_s_stats") or run["img_per_s"])
+        versus = _times(stats.ratio(rate, base)) if base and value != default else "-"
+        lines.append(f"| {shown} | {rate['n']} | {stats.fmt_short(rate, 0, thousands=True)} | {versus} |")
+    best = next(iter(_get(r, "findings", "hw_decoder_load") or []), None)
+    if best and "best_over_default" in best:
+        lines.append(f"- fastest: {best['best']:g}, {_times(best['best_over_default'])} the shipped {default:g}, "
+                     f"{_verdict(best['beyond_noise'])}.")
     return lines
 
 

@@ -213,9 +213,24 @@ def _made_here(ctx: Context) -> bool:
 # ------------------------------------------------------------- loaders alone
 
 
+#: the dali.hw_decoder_load values the loader part times besides the shipped one (GPUs only)
+HW_DECODER_LOADS = (0.0, 0.9)
+
+
 def loader(ctx: Context) -> dict:
+    """Every loader alone (`runs`), then, for DALI's faster decode mode of this
+    run: decoding alone (`decode_only`) and, on a GPU, the loader at the
+    `HW_DECODER_LOADS` (`hw_decoder_load`); `findings` puts them side by side
+    (bench_loader.findings). The extra runs time `stats.MIN_WINDOWS` windows
+    (the fewest that judge noise) to keep the part within its estimate."""
     from iecl.pipeline import open_images
-    from iecl.profiling.bench_loader import _beton_for, bench_one
+    from iecl.profiling.bench_loader import (
+        DEFAULT_HW_DECODER_LOAD,
+        _beton_for,
+        bench_one,
+        findings,
+        run_label,
+    )
 
     s, device = ctx.scale, torch.device(ctx.device)
     args = SimpleNamespace(batch_size=s.batch_size, image_size=s.image_size, steps=s.loader_steps,
@@ -235,20 +250,44 @@ def loader(ctx: Context) -> dict:
     result = {"device": ctx.device, "batch_size": s.batch_size, "image_size": s.image_size,
               "steps": s.loader_steps, "repeats": s.loader_repeats, "warmup": s.loader_warmup, "workers": ctx.cores,
               "runs": [], "skipped": skipped}
-    for backend, decode in runs:
-        label = backend + (f"/{decode}" if backend == "dali" else "")
-        ctx.log(f"{label}: {s.loader_warmup} + {s.loader_repeats} x {s.loader_steps} batches of {s.batch_size}")
+
+    def timed(backend: str, decode: str, into: list, run_args=args, **dali) -> None:
+        label = run_label(backend, decode, dali.get("decode_only", False), dali.get("hw_decoder_load"))
+        ctx.log(f"{label}: {run_args.warmup} + {run_args.repeats} x {run_args.steps} batches of {s.batch_size}")
         try:
             start = time.perf_counter()
             images = open_images(ctx.data) if backend != "ffcv" else _converted(ctx, args, _beton_for, result)
-            run = asdict(bench_one(images, backend, decode, device, args, progress=True))
+            run = asdict(bench_one(images, backend, decode, device, run_args, progress=True, **dali))
             run["seconds_with_startup"] = time.perf_counter() - start
-            result["runs"].append(run)
+            into.append(run)
         except Exception as err:  # noqa: BLE001 - one backend's failure is a finding; the others still run
-            result["runs"].append({"backend": backend, "decode": decode if backend == "dali" else None,
-                                   "error": _error(err)})
+            into.append({"backend": backend, "decode": decode if backend == "dali" else None, "label": label, **dali,
+                         "error": _error(err)})
             ctx.log(f"{label} failed: {_error(err).splitlines()[-1]}")
+        every = result["runs"] + result.get("decode_only", []) + result.get("hw_decoder_load", {}).get("runs", [])
+        result["findings"] = findings(every)  # saved with each run: a part stopped at its share keeps them
         ctx.save(result)
+
+    for backend, decode in runs:
+        timed(backend, decode, result["runs"])
+    dali = {r["decode"]: r for r in result["runs"] if r["backend"] == "dali" and "error" not in r}
+    if not dali:
+        return result
+    # The faster decode mode of this run (shared where window did not run or failed).
+    mode = max(dali, key=lambda d: (stats.of(dali[d].get("img_per_s_stats") or dali[d]["img_per_s"])["median"]))
+    extra = SimpleNamespace(**{**vars(args), "repeats": min(s.loader_repeats, stats.MIN_WINDOWS)})
+    result["decode_only"] = []
+    sweep = result["hw_decoder_load"] = {"decode": mode, "default": DEFAULT_HW_DECODER_LOAD, "runs": []}
+    if device.type == "cuda":
+        sweep["values"] = sorted({*HW_DECODER_LOADS, DEFAULT_HW_DECODER_LOAD})
+    else:
+        sweep["values"] = [DEFAULT_HW_DECODER_LOAD]
+        sweep["not_measured"] = (
+            f"on {ctx.device} DALI decodes with its cpu decoder, which has no hardware JPEG decoder: the option does "
+            f"nothing, so one value ran (the shipped {DEFAULT_HW_DECODER_LOAD:g}: the dali/{mode} run)")
+    timed("dali", mode, result["decode_only"], extra, decode_only=True)
+    for value in HW_DECODER_LOADS if device.type == "cuda" else ():
+        timed("dali", mode, sweep["runs"], extra, hw_decoder_load=value)
     return result
 
 
