@@ -216,8 +216,8 @@ def _build_decode_only_graph(source: BatchSource, *, gpu: bool, parallel: bool, 
     one-pixel crop of each decoded image. The crop is what makes the batch an
     output: DALI prunes a node whose output nothing uses, and a kernel that
     reads the decoded pixels, in stream order after the decoder, is what a
-    clock reading after the output's copy waits for (a shape alone is known
-    before nvJPEG's kernels finish). Returns (pixels..., label, skipped), one
+    clock reading after the output's copy waits for (an output of shapes
+    only might be ready before nvJPEG's kernels finish). Returns (pixels..., label, skipped), one
     (B, 1, 1, 3) uint8 output per decode (one for "shared", two for "window")."""
     from nvidia.dali import fn
 
