@@ -56,6 +56,15 @@ def test_dry_run_runs_every_part_from_a_plain_checkout(tmp_path):
     assert all("error" not in r for r in loader["runs"])
     ratio = document.dali_over_pil(loader)["ratio"]
     assert f"{ratio:.2f}x" in md
+    # DALI's faster decode mode of the run, decoding alone for it, and (on a CPU) no hw_decoder_load sweep.
+    [modes] = loader["findings"]["decode_modes"]
+    assert f"DALI decode modes: **{modes['winner']}** was faster than {modes['loser']}" in md
+    [only] = loader["decode_only"]
+    assert "error" not in only and only["decode_only"] and only["label"] == f"dali/{modes['winner']}/decode-only"
+    assert only["img_per_s"] > 0 and only["img_per_s_stats"]["n"] == min(DRY_RUN.loader_repeats, 3)
+    [share] = loader["findings"]["decode_share"]
+    assert f"| {only['label']} | cpu (libjpeg-turbo) |" in md and f"{100 * share['share']['value']:.0f}% (" in md
+    assert loader["hw_decoder_load"]["runs"] == [] and "dali.hw_decoder_load: not measured: on cpu" in md
     r50 = json.loads((out / "profile-r50.json").read_text())
     assert r50["backbone"] == DRY_RUN.r50 and r50["batch_size"] == DRY_RUN.batch_size and r50["saib"]
     assert r50["data"].startswith("dali loader")  # the real loader, where DALI imports
@@ -199,3 +208,33 @@ def test_the_checks_section_gathers_every_parts_flags(tmp_path):
     assert "(part profile-r50)" in lines and "(part saib-in-step/triton)" in lines
     assert "loader_faster_than_model" in lines
     assert document._checks(tmp_path / "empty")[-1] == "No check failed."
+
+
+def test_the_loader_section_states_the_decode_findings():
+    """report.md's loader section from GPU-shaped records (made up here, since a
+    CPU cannot run the hw_decoder_load sweep): the decode winner, decoding
+    alone beside the loader, and the sweep against the shipped value."""
+    from iecl.profiling import stats
+    from iecl.profiling.bench_loader import DEFAULT_HW_DECODER_LOAD as SHIPPED
+    from iecl.profiling.bench_loader import findings
+
+    def run(decode, rates, hw=SHIPPED, only=False):
+        label = f"dali/{decode}" + ("/decode-only" if only else "") + ("" if hw == SHIPPED else f" hw={hw:g}")
+        return {"backend": "dali", "decode": decode, "label": label, "decode_only": only, "decoder": "mixed",
+                "hw_decoder_load": hw, "img_per_s": stats.summary(rates)["median"],
+                "img_per_s_stats": stats.summary(rates), "step_ms_median": 50.0, "step_ms_p90": 55.0,
+                "peak_host_mb": 900.0, "peak_gpu_mb": 4000.0}
+
+    runs = [run("shared", [5000, 5100, 5200, 5150]), run("window", [5900, 6000, 6100, 6050])]
+    only = [run("window", [9000, 9100, 9200], only=True)]
+    sweep = [run("window", [4000, 4100, 4050], hw=0.0), run("window", [6000, 6100, 6200], hw=0.9)]
+    r = {"device": "cuda", "batch_size": 256, "image_size": 224, "steps": 5, "repeats": 4, "warmup": 5, "workers": 16,
+         "runs": runs, "skipped": {}, "decode_only": only,
+         "hw_decoder_load": {"decode": "window", "default": SHIPPED, "values": [0.0, SHIPPED, 0.9], "runs": sweep},
+         "findings": findings(runs + only + sweep)}
+    md = "\n".join(document._loader(r))
+    assert ("**window** was faster than shared, 6,025 vs 5,125 img/s: 1.18x (1.13-1.22x), beyond noise "
+            "(the shipped data.decode is shared: this run says window)") in md
+    assert "| dali/window/decode-only | mixed (nvJPEG) | 3 | 9,100 (9,000-9,200) | 6,025 (5,900-6,100) | 66% (" in md
+    assert f"| {SHIPPED:g} (shipped) | 4 | 6,025 (5,900-6,100) | - |" in md and "| 0 | 3 | 4,050" in md
+    assert f"- fastest: 0.9, 1.01x (0.98-1.05x) the shipped {SHIPPED:g}, within noise." in md
