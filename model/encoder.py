@@ -46,6 +46,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        #: W / sigma for all convolutions in one batched power iteration, or each
+        #: conv's own parametrisation in turn (model.spectral_batched; model/spectral.py)
+        self.spectral_batched = True
         # Kept out of the module tree (no state, not moved by .to(), not seen by DDP):
         # the plain meta copy the trunk runs as, built at the first forward from the
         # modules as they are then, and the trunk's runner (compiled by `compile`).
@@ -69,7 +72,7 @@ class Encoder(nn.Module):
             return cache[id(self)]
         tensors = {name: t for name, t in self.named_parameters() if ".parametrizations." not in name}
         tensors.update((name, t) for name, t in self.named_buffers() if ".parametrizations." not in name)
-        tensors.update(spectral.normalised_weights(self.backbone, prefix="backbone."))
+        tensors.update(spectral.normalised_weights(self.backbone, prefix="backbone.", batched=self.spectral_batched))
         if cache is not None:
             cache[id(self)] = tensors
         return tensors

@@ -136,6 +136,7 @@ class DaliConfig:
 class ModelConfig:
     backbone: Annotated[str, BACKBONES] = "resnet18"
     spectral_norm: bool | None = None  # None -> the method's own: true for iecl (entropy preservation), else false
+    spectral_batched: bool = True  # one power iteration for all convs at once (model/spectral.py), or conv by conv
     projector_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] = 512
     projector_out: Annotated[int, Range(1, 1 << 20, says="positive")] = 128
     predictor_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] | None = None  # byol, simsiam: predictor MLP width; None -> the method's own

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from iecl.kernels.view_prep import ViewPrep
+from iecl.model.encoder import Encoder
 from iecl.model.methods import Method, build_method
 from iecl.pipeline.augment import get_recipe
 from iecl.pipeline.spec import BatchPlan, DaliOptions, LoaderSpec
@@ -54,7 +55,16 @@ def method_from_config(cfg: Config) -> Method:
     # The step's view preparation: the configured kernel, writing the autocast dtype
     # (a config whose precision is not yet resolved, as in evaluation, gets fp32).
     method.prepare = ViewPrep(cfg.kernels.view_prep, MEAN_255, STD_255, DTYPES.get(cfg.train.precision, torch.float32))
+    configure_encoders(method, cfg)
     return method
+
+
+def configure_encoders(method: Method, cfg: Config) -> None:
+    """The model.* keys that change how each encoder computes, not what it holds
+    (no state_dict key depends on them, so a checkpoint loads under any setting)."""
+    for encoder in method.encoders().values():
+        if isinstance(encoder, Encoder):
+            encoder.spectral_batched = cfg.model.spectral_batched
 
 
 def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
