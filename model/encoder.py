@@ -49,6 +49,9 @@ class Encoder(nn.Module):
         #: W / sigma for all convolutions in one batched power iteration, or each
         #: conv's own parametrisation in turn (model.spectral_batched; model/spectral.py)
         self.spectral_batched = True
+        #: the stem's input and weight padded with zero channels to this many (0: off;
+        #: model.stem_pad_channels): a tensor-core shaped 7x7 dgrad for the SAIB view
+        self.stem_pad_channels = 0
         # Kept out of the module tree (no state, not moved by .to(), not seen by DDP):
         # the plain meta copy the trunk runs as, built at the first forward from the
         # modules as they are then, and the trunk's runner (compiled by `compile`).
@@ -58,10 +61,25 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> embeddings (B, out_dim)."""
         tensors = self.step_tensors()
-        stem = self.backbone.stem[0]
-        h = F.conv2d(x, tensors["backbone.stem.0.weight"], None, stem.stride, stem.padding, stem.dilation, stem.groups)
+        h = self._stem(x, tensors["backbone.stem.0.weight"])
         self._prepare_skeleton()
         return self._run(tensors, h)
+
+    def _stem(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The stem convolution, on zero-padded channels if `stem_pad_channels`:
+        the zero channels add exact zeros, so the output is the same and the
+        gradients to the real input channels and the real (normalised) weight
+        are the same (F.pad's backward is a slice); the padding is built from
+        the normalised weight, so nothing flows to the zeros."""
+        stem = self.backbone.stem[0]
+        extra = self.stem_pad_channels - x.shape[1]
+        if self.stem_pad_channels and extra > 0:
+            channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            x, weight = F.pad(x, (0, 0, 0, 0, 0, extra)), F.pad(weight, (0, 0, 0, 0, 0, extra))
+            if channels_last:  # the convolution's layout as it was (F.pad may return contiguous)
+                x = x.contiguous(memory_format=torch.channels_last)
+                weight = weight.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight, None, stem.stride, stem.padding, stem.dilation, stem.groups)
 
     def step_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the plain network runs on, by its name there: W / sigma

@@ -138,6 +138,9 @@ def test_missing_config_file_lists_the_shipped_ones():
     ("eval.val_fraction=1.0", "eval.val_fraction must be in (0, 1), got 1.0"),
     ("eval.knn_every=-1", "eval.knn_every must be 0 (off) or positive"),
     ("data.synthetic_images=16", "data.synthetic_images (16) must be at least train.batch_size (32)"),
+    ("model.stem_pad_channels=5", "model.stem_pad_channels must be 0 (off), 4 or 8, got 5"),
+    ("model.stem_pad_channels=16", "model.stem_pad_channels must be 0 (off), 4 or 8, got 16"),
+    ("model.stem_pad_channels=-4", "model.stem_pad_channels must be 0 (off), 4 or 8, got -4"),
 ])
 def test_invalid_combinations_are_refused(override, message):
     with pytest.raises(ConfigError) as err:

@@ -80,6 +80,7 @@ COUNT = Range(0, _BIG, says="0 or more")
 POSITIVE_INT = Range(1, _BIG, says="positive")
 SEED = Range(0, 2**32 - 1, says="in [0, 4294967295] (the range NumPy's generators take)")
 UNIT = Range(0, 1, hi_open=True, says="in [0, 1)")
+STEM_PAD = "0 (off), 4 or 8"
 
 
 BACKENDS = OneOf("iecl.pipeline", "BACKENDS")
@@ -137,6 +138,7 @@ class ModelConfig:
     backbone: Annotated[str, BACKBONES] = "resnet18"
     spectral_norm: bool | None = None  # None -> the method's own: true for iecl (entropy preservation), else false
     spectral_batched: bool = True  # one power iteration for all convs at once (model/spectral.py), or conv by conv
+    stem_pad_channels: Annotated[int, Range(0, 8, says=STEM_PAD)] = 0  # 0, 4 or 8: the stem's 3 input channels zero-padded (model/encoder.py)
     projector_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] = 512
     projector_out: Annotated[int, Range(1, 1 << 20, says="positive")] = 128
     predictor_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] | None = None  # byol, simsiam: predictor MLP width; None -> the method's own
@@ -477,6 +479,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             f"data.backend=ffcv reads .beton files; convert {d.root} first (iecl convert {d.root} OUT.beton) "
             "and set data.root=OUT.beton",
         )
+    _require(cfg.model.stem_pad_channels in (0, 4, 8),
+             f"model.stem_pad_channels must be {STEM_PAD}, got {cfg.model.stem_pad_channels}")
     if d.crop_scale is not None:
         lo, hi = d.crop_scale
         _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(d.crop_scale)}")

@@ -65,6 +65,7 @@ def configure_encoders(method: Method, cfg: Config) -> None:
     for encoder in method.encoders().values():
         if isinstance(encoder, Encoder):
             encoder.spectral_batched = cfg.model.spectral_batched
+            encoder.stem_pad_channels = cfg.model.stem_pad_channels
 
 
 def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
