@@ -20,6 +20,8 @@ same tensors (the parametrisation's own code computes W / sigma).
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,28 @@ class Encoder(nn.Module):
         clone.__dict__["_skeleton"] = None
         clone.__dict__["_run"] = clone._run_trunk
         return clone
+
+
+def use_compile_cache(directory: str | Path) -> Path:
+    """Keep torch.compile's on-disk caches under `directory`, so that a restarted
+    run on this machine finds its compiled graphs: Inductor's FX graph cache
+    and AOTAutograd's cache (TORCHINDUCTOR_CACHE_DIR, which both read at each
+    compile) and Triton's kernels (TRITON_CACHE_DIR, also for kernels compiled
+    outside Inductor). Call it before the first compile. Both caches are on by
+    default in torch 2.11 and 2.13; they are switched on here in case a
+    setting turned them off (hasattr: names that a release may lack)."""
+    root = Path(directory).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root)
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    if hasattr(inductor_config, "fx_graph_cache"):
+        inductor_config.fx_graph_cache = True
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        functorch_config.enable_autograd_cache = True
+    return root
 
 
 def momentum_copy(online: nn.Module) -> nn.Module:

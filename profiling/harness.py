@@ -173,7 +173,7 @@ def compile_if_configured(h: Harness) -> None:
     """`train.compile` as the loop does it (the encoders' parts; the hooked
     encoder modules stay eager, so the marks cause no graph breaks)."""
     if h.cfg.train.compile:
-        h.method.compile_encoders()
+        h.method.compile_encoders(**h.cfg.train.compile_options())
 
 
 def resident_views(cfg: Config, device: torch.device, count: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

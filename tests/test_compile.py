@@ -289,3 +289,86 @@ def test_inductor_on_a_gpu_compiles_once_per_grad_mode_and_agrees_with_eager(tmp
     assert counters["stats"]["unique_graphs"] == 2  # online (grad) and target (no grad)
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=5e-2, abs=5e-2)
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- compile mode and caches
+
+
+@pytest.mark.slow
+def test_the_compile_mode_and_cache_dir_reach_torch_compile(tmp_path, sixteen_images, monkeypatch):
+    """train.compile_mode is torch.compile's mode for every encoder, from the
+    training loop and from the profiler's harness; train.compile_cache_dir
+    becomes Inductor's and Triton's cache folders before that compile."""
+    import os
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+
+    from iecl.pipeline import open_images
+    from iecl.profiling.harness import compile_if_configured
+    from iecl.train.loop import pretrain
+    from iecl.train.run_dir import create_run_dir, write_run_files
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    calls = []
+
+    def compile(fn, **options):  # eager: what is checked is what the loop asks for
+        calls.append({**options, "cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")})
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compile)
+    cache = tmp_path / "cache"
+    cfg = tiny_config(sixteen_images, tmp_path / "runs", {"train": {
+        "compile": True, "compile_mode": "max-autotune-no-cudagraphs", "compile_cache_dir": str(cache),
+        "max_steps": 1}})
+    run_dir = create_run_dir(cfg)
+    write_run_files(run_dir, cfg, {"images": 16, "data_root": str(sixteen_images)}, resumed=False)
+    pretrain(cfg, run_dir, open_images(sixteen_images), progress=False)
+    assert calls == [{"mode": "max-autotune-no-cudagraphs", "cache": str(cache)}] * 2  # online, target
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
+
+    calls.clear()
+    cfg.train.compile_mode = "reduce-overhead"
+    method = _iecl()
+    compile_if_configured(SimpleNamespace(cfg=cfg, method=method))
+    assert [c["mode"] for c in calls] == ["reduce-overhead"] * 2
+
+
+_CACHED_COMPILE = """
+import sys, torch
+from torch._dynamo.utils import counters
+from iecl.model.encoder import use_compile_cache
+use_compile_cache(sys.argv[1])
+f = torch.compile(lambda x: torch.relu(x) * 2 + 1)
+f(torch.randn(16))
+print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_hits_the_fx_graph_cache_in_compile_cache_dir(tmp_path):
+    """Two processes compile the same function with Inductor and the same cache
+    folder: the first misses and writes the cache there, the second hits it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import _LAUNCHER, INSTALLED
+
+    from iecl.train.config import _compiler_available
+
+    # a plain checkout (no install) is made iecl by its launcher first, as module_command does
+    code = _CACHED_COMPILE if INSTALLED else f"import runpy; runpy.run_path({str(_LAUNCHER)!r}, run_name='iecl_checkout')\n{_CACHED_COMPILE}"
+    if not _compiler_available("cpu"):
+        pytest.skip("Inductor on a CPU needs a C++ compiler")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(tuple(int(n) for n in done.stdout.split()[-2:]))
+    (first_hits, first_misses), (second_hits, _) = runs
+    assert first_hits == 0 and first_misses > 0 and second_hits > 0, runs
+    assert any((tmp_path / "cache").rglob("*")), "nothing written in the cache folder"

@@ -141,6 +141,9 @@ def test_missing_config_file_lists_the_shipped_ones():
     ("model.stem_pad_channels=5", "model.stem_pad_channels must be 0 (off), 4 or 8, got 5"),
     ("model.stem_pad_channels=16", "model.stem_pad_channels must be 0 (off), 4 or 8, got 16"),
     ("model.stem_pad_channels=-4", "model.stem_pad_channels must be 0 (off), 4 or 8, got -4"),
+    ("train.compile_mode=fast", ("train.compile_mode: 'fast' is not one of default, reduce-overhead, max-autotune, "
+                                 "max-autotune-no-cudagraphs")),
+    ("train.compile_cache_dir=3", "train.compile_cache_dir: expected a string, got 3"),
 ])
 def test_invalid_combinations_are_refused(override, message):
     with pytest.raises(ConfigError) as err:
@@ -306,6 +309,13 @@ def test_every_numeric_key_has_a_range():
     missing = [f"{section}.{key}" for section, cls in _fields(Config).items() for key, ann in _fields(cls).items()
                if any(not ranged for _, ranged in numeric_leaves(ann))]
     assert missing == []
+
+
+def test_a_compile_cache_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ConfigError, match=r"train.compile_cache_dir .*taken is a file; name a folder"):
+        validate(load_config(None, [f"train.compile_cache_dir={tmp_path / 'taken'}"]))
+    assert validate(load_config(None, [f"train.compile_cache_dir={tmp_path / 'new'}"]))  # made at the first compile
 
 
 def test_config_files_with_duplicate_keys_or_not_utf8_are_refused(tmp_path):

@@ -30,6 +30,7 @@ def _run(encoder, x: torch.Tensor):
     return out.detach(), x.grad, encoder.backbone.stem[0].parametrizations.weight.original.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("pad", [4, 8])
 def test_padded_stem_computes_the_same_numbers(pad, channels_last):

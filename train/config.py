@@ -207,6 +207,8 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
+    compile_cache_dir: str = ""  # where the FX graph, AOTAutograd and Triton caches live; "" -> torch's own place
     channels_last: bool = True
     log_every: Annotated[int, POSITIVE_INT] = 4  # steps
     checkpoint_every: Annotated[int, Range(0, _BIG, says="0 (only at the end) or positive")] = 100  # steps between last.pt writes; also written at the end and on a stop
@@ -214,6 +216,11 @@ class TrainConfig:
     max_nonfinite: Annotated[int, COUNT] = 10  # consecutive steps with a non-finite loss skipped before the run stops
     sync_bn: bool = False  # under torchrun: the encoders' BatchNorms normalise over the global batch (GPUs)
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on GPUs, gloo on CPUs
+
+
+    def compile_options(self) -> dict:
+        """`Method.compile_encoders`' arguments from compile_mode and compile_cache_dir."""
+        return {"mode": self.compile_mode, "cache_dir": self.compile_cache_dir}
 
 
 @dataclass
@@ -481,6 +488,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         )
     _require(cfg.model.stem_pad_channels in (0, 4, 8),
              f"model.stem_pad_channels must be {STEM_PAD}, got {cfg.model.stem_pad_channels}")
+    cache = Path(t.compile_cache_dir).expanduser()
+    _require(not t.compile_cache_dir or cache.is_dir() or not cache.exists(),
+             f"train.compile_cache_dir {t.compile_cache_dir} is a file; name a folder (made if missing) or \"\"")
     if d.crop_scale is not None:
         lo, hi = d.crop_scale
         _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(d.crop_scale)}")

@@ -167,7 +167,7 @@ def pretrain(
             if ddp.is_main():
                 ddp.warn(line)
         if cfg.train.compile:
-            method.compile_encoders()
+            method.compile_encoders(**cfg.train.compile_options())
         step = build_step(cfg, method, optimizer, scaler, p.base_lr, len(loader), device,
                           model=ddp.wrap(method, device), report=ddp.is_main())
         # A folder that had logs but no checkpoint (stopped before its first) starts afresh: its old rows go.

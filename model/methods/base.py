@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from iecl.kernels.view_prep import ViewPrep
+from iecl.model.encoder import use_compile_cache
 from iecl.model.resnet import ResNet
 from iecl.model.saib import SAIB
 from iecl.pipeline.views import MEAN_255, STD_255
@@ -127,13 +128,16 @@ class Method(nn.Module):
         """The backbone that evaluation (kNN, linear probe) uses."""
         raise NotImplementedError
 
-    def compile_encoders(self, **options) -> None:
+    def compile_encoders(self, cache_dir: str = "", **options) -> None:
         """`torch.compile` every encoder's trunk (model/encoder.py: everything
         after the stem convolution, on spectral-normalised weights computed
         outside the graph), one graph per encoder and grad mode. `options`:
-        torch.compile's (backend, mode). State_dict keys stay the same; the
-        encoder module itself stays eager, so hooks on it (profiling's marks)
-        run outside the compiled graphs."""
+        torch.compile's (backend, mode); `cache_dir`: where its on-disk caches
+        live ("" -> torch's own place; `model.encoder.use_compile_cache`).
+        State_dict keys stay the same; the encoder module itself stays eager,
+        so hooks on it (profiling's marks) run outside the compiled graphs."""
+        if cache_dir:
+            use_compile_cache(cache_dir)
         for encoder in self.encoders().values():
             encoder.compile(**options)
 
