@@ -15,6 +15,7 @@ from PIL import Image
 
 from iecl.cli import main
 from iecl.profiling.report import document
+from iecl.profiling.report.parts import LEVERS
 from iecl.profiling.report.plan import DRY_RUN, FULL, PART_NAMES, PARTS, share
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +75,12 @@ def test_dry_run_runs_every_part_from_a_plain_checkout(tmp_path):
     assert all("loader" in row and "model_only" in row for row in compare["rows"])
     in_step = json.loads((out / "saib-in-step.json").read_text())
     assert in_step["triton"]["saib_impl"] == "triton" and "saib_bwd" in in_step["triton"]["stages"]
+    levers = json.loads((out / "levers.json").read_text())
+    assert [label for label, p in levers.items() if isinstance(p, dict)] == [label for label, _ in LEVERS]
+    for label, extra in LEVERS:
+        assert set(extra) <= set(levers[label]["overrides"]) and levers[label]["step_ms"]["model_only"] > 0
+    pad4 = levers["stem padded to 4 channels"]
+    assert f"| stem padded to 4 channels | model.stem_pad_channels=4 | {document._ms(pad4, 'model_only')} |" in md
     saib = json.loads((out / "saib.json").read_text())
     assert set(saib["results"]) == {"reference", "triton"} and saib["config"]["weights"] == "channels_last"
     export = json.loads((out / "export.json").read_text())  # torchvision, timm: not on this CPU machine

@@ -356,6 +356,35 @@ def saib_in_step(ctx: Context) -> dict:
     return result
 
 
+# ------------------------------------------------------------- the step's levers
+
+#: (label, overrides): each eager lever of the step-speed work, timed against the
+#: defaults in the same process; the defaults run first and again last, so that
+#: a drift over the part (clocks, caches warmed by earlier runs) shows as their gap
+LEVERS = (
+    ("defaults", ()),
+    ("spectral norm per convolution", ("model.spectral_batched=false",)),
+    ("stem padded to 4 channels", ("model.stem_pad_channels=4",)),
+    ("stem padded to 8 channels", ("model.stem_pad_channels=8",)),
+    ("defaults, again", ()),
+)
+
+
+def levers(ctx: Context) -> dict:
+    """The ResNet-50 step (eager, data on the device) under each of LEVERS:
+    what each config value the step-speed work added gains or costs here."""
+    result: dict = {}
+    for label, extra in LEVERS:
+        ctx.log(f"{label}: {' '.join(extra) or 'the shipped values'}")
+        try:
+            result[label] = _profile_one(ctx, [f"model.backbone={ctx.scale.r50}", "train.compile=false", *extra],
+                                         loader=False, isolate_iters=0, repeats=ctx.scale.lever_repeats)
+        except Exception as err:  # noqa: BLE001 - recorded; the other settings still run
+            result[label] = {"error": _error(err), "overrides": list(extra)}
+        ctx.save(result)
+    return result
+
+
 # ------------------------------------------------------------- every method
 
 
@@ -505,7 +534,7 @@ def _timm_resnet50():
 RUN = {
     "machine": machine, "saib": saib, "data": data, "loader": loader, "profile-r50": profile_r50,
     "profile-r18": profile_r18, "anchor": anchor, "export": export, "compare": compare, "saib-in-step": saib_in_step,
-    "profile-r18-compile": profile_r18_compile, "profile-r50-compile": profile_r50_compile,
+    "levers": levers, "profile-r18-compile": profile_r18_compile, "profile-r50-compile": profile_r50_compile,
 }
 
 

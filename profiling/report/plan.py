@@ -38,7 +38,8 @@ PARTS = (
     Part("machine", "machine record and ceilings: bf16 matmul, device copy, CPU cores, optional packages"),
     Part("saib", "SAIB implementations alone: reference, torch.compile, Triton (bench saib)"),
     Part("data", "ImageNet-like JPEGs for the loaders (make-synthetic on every core, or --data)"),
-    Part("loader", "loaders alone: pil on every core, DALI shared and window, FFCV (bench loader)", needs_data=True),
+    Part("loader", "loaders alone: pil on every core, DALI shared and window, FFCV; DALI decoding alone and its "
+                   "hw_decoder_load (bench loader)", needs_data=True),
     Part("profile-r50", "IE-CL + SAIB ResNet-50 step: real loader and data on the device (profile)", needs_data=True),
     Part("profile-r18", "IE-CL + SAIB ResNet-18 step: real loader and data on the device (profile)", needs_data=True),
     Part("anchor", "plain supervised ResNet-50 training step: ours without spectral norm, torchvision's"),
@@ -46,6 +47,8 @@ PARTS = (
     Part("compare", "every method with and without SAIB, ResNet-50: real loader and data on the device (compare)",
          needs_data=True),
     Part("saib-in-step", "IE-CL + SAIB ResNet-50 step with the Triton and the compiled SAIB (profile, data on the device)"),
+    Part("levers", "the ResNet-50 step's eager levers against its defaults, data on the device: spectral norm per "
+                   "convolution instead of batched, the stem padded to 4 and 8 channels (profile)"),
     Part("profile-r18-compile", "the ResNet-18 step with train.compile=true (profile)", needs_data=True,
          optional="torch.compile's warm-up may exceed its share"),
     Part("profile-r50-compile", "the ResNet-50 step with train.compile=true (profile)", needs_data=True,
@@ -82,6 +85,7 @@ class Scale:
     isolate_iters: int = 3
     in_step_isolate_iters: int = 3  # saib-in-step's profiles (0: in place only)
     in_step_repeats: int = 3  # saib-in-step's windows (the dry run's Triton interpreter makes each step seconds)
+    lever_repeats: int = 3  # the levers part's windows per setting (in place only)
     compare_steps: int = 3
     compare_repeats: int = 3
     compare_warmup: int = 3
@@ -101,7 +105,7 @@ FULL = Scale(
     budget_minutes=8.0,
     # Expected GPU seconds (H100-class; see the module docstring).
     estimates={"machine": 10, "saib": 60, "data": 30, "loader": 80, "profile-r50": 35, "profile-r18": 25,
-               "anchor": 25, "export": 10, "compare": 120, "saib-in-step": 50, "profile-r18-compile": 60,
+               "anchor": 25, "export": 10, "compare": 120, "saib-in-step": 50, "levers": 75, "profile-r18-compile": 60,
                "profile-r50-compile": 90},
 )
 
@@ -117,7 +121,7 @@ DRY_RUN = Scale(
     # dry run takes every code path of the statistics and the checks.
     saib_iters=1, saib_warmup=0, loader_steps=1, loader_repeats=3, loader_warmup=1, profile_steps=1,
     profile_repeats=2, profile_warmup=1, isolate_iters=1, in_step_isolate_iters=0, in_step_repeats=1, compare_steps=1,
-    compare_repeats=2, compare_warmup=1, anchor_steps=1, anchor_repeats=2, anchor_warmup=1, ceiling_iters=2,
+    compare_repeats=2, compare_warmup=1, lever_repeats=2, anchor_steps=1, anchor_repeats=2, anchor_warmup=1, ceiling_iters=2,
     # Seconds each part took on the 2-core CPU machine: the larger of two runs,
     # before the timing windows (2026-12-01) and with them (2026-12-02, with
     # OMP_NUM_THREADS=1 on the shared machine: report-dry-run/report.md). The
@@ -126,7 +130,7 @@ DRY_RUN = Scale(
     # takes minutes, so the dry run checks that an overrun is stopped and reported.
     # The budget leaves room for a machine half as fast again.
     estimates={"machine": 8, "saib": 19, "data": 3, "loader": 14, "profile-r50": 8, "profile-r18": 8,
-               "anchor": 4, "export": 3, "compare": 29, "saib-in-step": 30, "profile-r18-compile": 3,
+               "anchor": 4, "export": 3, "compare": 29, "saib-in-step": 30, "levers": 17, "profile-r18-compile": 3,
                "profile-r50-compile": 3},
     max_share=2.5,
 )
