@@ -246,9 +246,10 @@ time budget: the machine's ceilings (bf16 matmul, device copy), SAIB's
 implementations alone, the loaders alone (pil on every core, DALI, FFCV), the
 IE-CL + SAIB step of ResNet-50 and ResNet-18 with the real loader and with
 the data on the device, compile off and on, SAIB's share per
-implementation, every method with and without SAIB, and a plain supervised
-ResNet-50 step as an anchor, and the exported backbone loaded into
-torchvision and timm. Writes DIR/report.md, one JSON per part, the
+implementation, the step's eager levers (spectral norm batched or per
+convolution, a padded stem) against its defaults, every method with and
+without SAIB, a plain supervised ResNet-50 step as an anchor, and the
+exported backbone loaded into torchvision and timm. Writes DIR/report.md, one JSON per part, the
 charts and logs/, and with --pack DIR.tar.gz.
 
 Each part runs in a process of its own under its share of the budget (the
@@ -272,7 +273,7 @@ python3 CHECKOUT report ...
 
 
 def register_report(commands) -> None:
-    from iecl.profiling.report.plan import PART_NAMES
+    from iecl.profiling.report.plan import DRY_RUN, FULL, PART_NAMES
 
     p = commands.add_parser(
         "report", help="measure a GPU machine end to end, within a time budget (report.md, JSON, charts)",
@@ -284,7 +285,8 @@ def register_report(commands) -> None:
     p.add_argument("--config", default="imagenet_r50", metavar="NAME|PATH",
                    help="the IE-CL configuration the training parts start from (default imagenet_r50)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="wall-clock budget of the whole command (default 8; 3 with --dry-run)")
+                   help=f"wall-clock budget of the whole command (default {FULL.budget_minutes:g}; "
+                        f"{DRY_RUN.budget_minutes:g} with --dry-run)")
     p.add_argument("--data", metavar="DIR", help="JPEGs for the loader parts (default: make synthetic ones under --work)")
     p.add_argument("--work", default="~/.cache/iecl/report", metavar="DIR",
                    help="scratch space: synthetic JPEGs, FFCV files (default ~/.cache/iecl/report)")
