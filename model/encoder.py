@@ -74,9 +74,9 @@ class Encoder(nn.Module):
         are the same (F.pad's backward is a slice); the padding is built from
         the normalised weight, so nothing flows to the zeros."""
         stem = self.backbone.stem[0]
-        extra = self.stem_pad_channels - x.shape[1]
-        if self.stem_pad_channels and extra > 0:
-            channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        extra = self.stem_pad_channels - x.shape[1]  # stem_pad_channels 0 (off): negative
+        if extra > 0:
+            channels_last = spectral.is_channels_last(x)
             x, weight = F.pad(x, (0, 0, 0, 0, 0, extra)), F.pad(weight, (0, 0, 0, 0, 0, extra))
             if channels_last:  # the convolution's layout as it was (F.pad may return contiguous)
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -132,8 +132,9 @@ def _batchable(conv: nn.Module) -> bool:
     return len(chain) == 1 and type(chain[0]) is _SpectralNorm and chain[0].dim == 0 and chain.original.ndim == 4
 
 
-def _channels_last(weight: torch.Tensor) -> bool:
-    return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Laid out channels-last and not also plain contiguous (a 1x1 kernel is both)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _batched(convs: list[tuple[str, nn.Module]], prefix: str) -> dict[str, torch.Tensor]:
@@ -143,7 +144,7 @@ def _batched(convs: list[tuple[str, nn.Module]], prefix: str) -> dict[str, torch
     for name, conv in convs:
         if _batchable(conv):
             sn, weight = conv.parametrizations.weight[0], conv.parametrizations.weight.original
-            key = (weight.shape, _channels_last(weight), weight.dtype, weight.device, sn.eps,
+            key = (weight.shape, is_channels_last(weight), weight.dtype, weight.device, sn.eps,
                    sn.n_power_iterations, sn.training)
             groups.setdefault(key, []).append((f"{prefix}{name}.weight", sn, weight))
     out, buffers, values = {}, [], []

@@ -276,8 +276,8 @@ def findings_lines(found: dict) -> list[str]:
     lines = []
     for row in found.get("decode_modes", []):
         at = "" if row["hw_decoder_load"] is None else f" (hw_decoder_load {row['hw_decoder_load']:g})"
-        lines.append(f"decode: {row['winner']} beat {row['loser']}{at} by {_times(row['ratio'])}, "
-                     f"{_verdict(row['beyond_noise'])}")
+        lines.append(f"decode: {row['winner']} beat {row['loser']}{at} by {stats.fmt_times(row['ratio'])}, "
+                     f"{stats.fmt_verdict(row['beyond_noise'])}")
     for row in found.get("decode_share", []):
         share = row["share"]
         lines.append(f"decode alone ({row['decoder']} decoder, decode={row['decode']}): "
@@ -288,21 +288,10 @@ def findings_lines(found: dict) -> list[str]:
         rates = ", ".join(f"{r['value']:g}: {r['img_per_s']['median']:,.0f}" for r in row["runs"])
         line = f"hw_decoder_load (decode={row['decode']}), img/s: {rates}; fastest {row['best']:g}"
         if "best_over_default" in row:
-            line += (f", {_times(row['best_over_default'])} the shipped {row['default']:g}, "
-                     f"{_verdict(row['beyond_noise'])}")
+            line += (f", {stats.fmt_times(row['best_over_default'])} the shipped {row['default']:g}, "
+                     f"{stats.fmt_verdict(row['beyond_noise'])}")
         lines.append(line)
     return lines
-
-
-def _times(ratio: dict) -> str:
-    if ratio["n"] < 2:
-        return f"{ratio['value']:.2f}x"
-    return f"{ratio['value']:.2f}x ({ratio['low']:.2f}-{ratio['high']:.2f}x)"
-
-
-def _verdict(beyond: bool | None) -> str:
-    return {True: "beyond noise", False: "within noise"}.get(
-        beyond, f"noise not known (fewer than {stats.MIN_WINDOWS} windows)")
 
 
 def _beton_for(data: str, args) -> str:

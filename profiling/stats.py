@@ -115,6 +115,19 @@ def fmt_ratio_percent(r: dict, digits: int = 0) -> str:
     return f"{value} ({100 * r['low']:.{digits}f}-{100 * r['high']:.{digits}f}%, {verdict})"
 
 
+def fmt_times(r: dict) -> str:
+    """A ratio as a factor with its interval: '1.26x (1.21-1.59x)' ('1.26x' from one window)."""
+    if r["n"] < 2:
+        return f"{r['value']:.2f}x"
+    return f"{r['value']:.2f}x ({r['low']:.2f}-{r['high']:.2f}x)"
+
+
+def fmt_verdict(beyond_noise: bool | None) -> str:
+    """`beyond`'s answer in words."""
+    return {True: "beyond noise", False: "within noise"}.get(
+        beyond_noise, f"noise not known: fewer than {MIN_WINDOWS} windows")
+
+
 def _too_few(n: int) -> str:
     return f"{n} window{'s' if n != 1 else ''}: noise not known, {MIN_WINDOWS} or more judge it"
 

@@ -217,7 +217,6 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: the encoders' BatchNorms normalise over the global batch (GPUs)
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on GPUs, gloo on CPUs
 
-
     def compile_options(self) -> dict:
         """`Method.compile_encoders`' arguments from compile_mode and compile_cache_dir."""
         return {"mode": self.compile_mode, "cache_dir": self.compile_cache_dir}

@@ -78,11 +78,7 @@ def compile_speedup(eager: dict | None, compiled: dict | None, kind: str) -> dic
 
 
 def _speedup_text(speed: dict | None) -> str:
-    if speed is None:
-        return "-"
-    if speed["n"] < 2:
-        return f"{speed['value']:.2f}x"
-    return f"{speed['value']:.2f}x ({speed['low']:.2f}-{speed['high']:.2f}x)"
+    return "-" if speed is None else stats.fmt_times(speed)
 
 
 def _ms(profile: dict | None, kind: str) -> str:
@@ -253,16 +249,6 @@ def _loader(r: dict | None) -> list[str]:
     return lines + _decode_mode(r) + _decode_alone(r) + _hw_decoder_load(r)
 
 
-def _times(ratio: dict) -> str:
-    """'1.26x (1.21-1.59x)': a stats.ratio with the interval its windows allow."""
-    return _speedup_text(ratio)
-
-
-def _verdict(beyond: bool | None) -> str:
-    return {True: "beyond noise", False: "within noise"}.get(
-        beyond, f"noise not known: fewer than {stats.MIN_WINDOWS} windows")
-
-
 def _decode_mode(r: dict) -> list[str]:
     """Which DALI decode mode won (`findings.decode_modes`), for data.decode's default."""
     rows = [row for row in _get(r, "findings", "decode_modes") or [] if row["hw_decoder_load"] in (None, r.get(
@@ -276,7 +262,7 @@ def _decode_mode(r: dict) -> list[str]:
               None: "too few windows to set data.decode's default from"}[row["beyond_noise"]]
     return ["", (f"DALI decode modes: **{row['winner']}** was faster than {row['loser']}, "
                  f"{row['winner_img_per_s']['median']:,.0f} vs {row['loser_img_per_s']['median']:,.0f} img/s: "
-                 f"{_times(row['ratio'])}, {_verdict(row['beyond_noise'])} ({change}).")]
+                 f"{stats.fmt_times(row['ratio'])}, {stats.fmt_verdict(row['beyond_noise'])} ({change}).")]
 
 
 def _decode_alone(r: dict) -> list[str]:
@@ -329,12 +315,12 @@ def _hw_decoder_load(r: dict) -> list[str]:
             lines.append(f"| {shown} | | failed: {why} | |")
             continue
         rate = stats.of(run.get("img_per_s_stats") or run["img_per_s"])
-        versus = _times(stats.ratio(rate, base)) if base and value != default else "-"
+        versus = stats.fmt_times(stats.ratio(rate, base)) if base and value != default else "-"
         lines.append(f"| {shown} | {rate['n']} | {stats.fmt_short(rate, 0, thousands=True)} | {versus} |")
     best = next(iter(_get(r, "findings", "hw_decoder_load") or []), None)
     if best and "best_over_default" in best:
-        lines.append(f"- fastest: {best['best']:g}, {_times(best['best_over_default'])} the shipped {default:g}, "
-                     f"{_verdict(best['beyond_noise'])}.")
+        lines.append(f"- fastest: {best['best']:g}, {stats.fmt_times(best['best_over_default'])} the shipped {default:g}, "
+                     f"{stats.fmt_verdict(best['beyond_noise'])}.")
     return lines
 
 
