@@ -15,6 +15,12 @@ its inputs, and the SAIB view needs an input gradient where the anchor does not)
 
 The numbers are those of `projector(backbone(x))`: the same operations on the
 same tensors (the parametrisation's own code computes W / sigma).
+
+`encoder(anchor, query)` runs both views, each with its own BatchNorm
+statistics: as two trunk calls, or with `fused_views` (model.fused_views) as
+one trunk call on the 2B batch whose BatchNorms split it back into the views
+(model/view_norm.py). The stems stay one per view, so the anchor's stem runs
+no input gradient.
 """
 
 from __future__ import annotations
@@ -29,18 +35,23 @@ from torch import nn
 from torch.func import functional_call
 
 from iecl.model import spectral
+from iecl.model.view_norm import per_view_norms, set_views
 
 
 class _Trunk(nn.Module):
-    """What runs after the stem convolution: the rest of the backbone, the projector."""
+    """What runs after the stem convolution: the rest of the backbone, the
+    projector; on one view, or on several as one batch (per-view BatchNorm
+    statistics: the skeleton's norms are set to that many views)."""
 
     def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone.forward_from_stem_conv(h))
+    def forward(self, *views: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        h = views[0] if len(views) == 1 else torch.cat(views)
+        out = self.projector(self.backbone.forward_from_stem_conv(h))
+        return out if len(views) == 1 else out.chunk(len(views))
 
 
 class Encoder(nn.Module):
@@ -54,18 +65,27 @@ class Encoder(nn.Module):
         #: the stem's input and weight padded with zero channels to this many (0: off;
         #: model.stem_pad_channels): a tensor-core shaped 7x7 dgrad for the SAIB view
         self.stem_pad_channels = 0
+        #: several views in one trunk call (model.fused_views; model/view_norm.py)
+        self.fused_views = False
         # Kept out of the module tree (no state, not moved by .to(), not seen by DDP):
         # the plain meta copy the trunk runs as, built at the first forward from the
         # modules as they are then, and the trunk's runner (compiled by `compile`).
         self.__dict__["_skeleton"] = None
         self.__dict__["_run"] = self._run_trunk
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> embeddings (B, out_dim)."""
+    def forward(self, *views: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """(B, 3, H, W) -> embeddings (B, out_dim); several views -> a tuple of
+        their embeddings, each view normalised with its own batch statistics
+        (as that many calls would: running buffers updated view by view)."""
         tensors = self.step_tensors()
-        h = self._stem(x, tensors["backbone.stem.0.weight"])
-        self._prepare_skeleton()
-        return self._run(tensors, h)
+        stem_weight = tensors["backbone.stem.0.weight"]
+        if len(views) > 1 and self.fused_views:
+            stems = [self._stem(x, stem_weight) for x in views]
+            self._prepare_skeleton(len(views))
+            return tuple(self._run(tensors, *stems))
+        self._prepare_skeleton(1)
+        out = tuple(self._run(tensors, self._stem(x, stem_weight)) for x in views)
+        return out[0] if len(views) == 1 else out
 
     def _stem(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The stem convolution, on zero-padded channels if `stem_pad_channels`:
@@ -97,16 +117,19 @@ class Encoder(nn.Module):
             cache[id(self)] = tensors
         return tensors
 
-    def _prepare_skeleton(self) -> None:
-        # Outside the compiled function: it sees one skeleton in one mode.
+    def _prepare_skeleton(self, views: int) -> None:
+        # Outside the compiled function: it sees one skeleton in one mode, with
+        # its norms set for one number of views (a change would be a recompile).
         skeleton = self._skeleton
         if skeleton is None:
-            skeleton = self.__dict__["_skeleton"] = spectral.plain_skeleton(_Trunk(self.backbone, self.projector))
+            trunk = _Trunk(self.backbone, self.projector)
+            skeleton = self.__dict__["_skeleton"] = per_view_norms(spectral.plain_skeleton(trunk))
         if skeleton.training != self.training:
             skeleton.train(self.training)
+        set_views(skeleton, views)
 
-    def _run_trunk(self, tensors: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        return functional_call(self._skeleton, tensors, (h,), strict=False)
+    def _run_trunk(self, tensors: dict[str, torch.Tensor], *views: torch.Tensor):
+        return functional_call(self._skeleton, tensors, views, strict=False)
 
     def compile(self, **options) -> None:
         """`torch.compile` the trunk (`options`: torch.compile's, e.g. backend);

@@ -15,6 +15,12 @@ same view parameters for a sample (`draws`), decides readability the same way
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the annotations' names, for type checkers only (imports stay lazy)
+    from iecl.pipeline.folder import ImageList
+    from iecl.pipeline.sources import BetonFile
+    from iecl.pipeline.spec import Loader, LoaderSpec
 
 BACKENDS = ("pil", "dali", "ffcv")
 

@@ -158,8 +158,7 @@ def _saib_forward(h: Harness, query_u8) -> None:
 
 def _two_forwards(h: Harness, encoder, grad_mode, anchor, query) -> None:
     with h.step.autocast(), grad_mode, once_per_step():  # W / sigma once, as in the step
-        encoder(anchor)
-        encoder(query)
+        encoder(anchor, query)
 
 
 # ------------------------------------------------------------- trace

@@ -5,6 +5,8 @@ and eager losses agree."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import TINY, tiny_config
@@ -202,15 +204,25 @@ def test_the_power_iteration_runs_once_per_step(tmp_path, monkeypatch, batched):
 _SPECTRAL_OPS = {torch.mv, torch.vdot, torch.nn.functional.normalize, torch.Tensor.mv, torch.Tensor.vdot}
 
 
-def _recording_backend(role: str, log: list):
+def _recording_backend(role: str, log: list, calls: Counter | None = None):
     """aot_eager (AOTAutograd without Inductor: seconds, not minutes, on a CPU),
-    recording each graph it is given: which encoder, in which grad mode."""
+    recording each graph it is given: which encoder, in which grad mode; and
+    with `calls`, how often each encoder's graphs run."""
     from torch._dynamo.backends.debugging import aot_eager
 
     def backend(gm, example_inputs):
         targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
         log.append({"role": role, "grad": torch.is_grad_enabled(), "spectral_ops": targets & _SPECTRAL_OPS})
-        return aot_eager(gm, example_inputs)
+        compiled = aot_eager(gm, example_inputs)
+        if calls is None:
+            return compiled
+
+        def run(*args):
+            calls[role] += 1
+            return compiled(*args)
+
+        run._boxed_call = getattr(compiled, "_boxed_call", False)  # the calling convention dynamo asks about
+        return run
 
     return backend
 
@@ -251,6 +263,22 @@ def test_each_encoder_compiles_once_per_grad_mode(compiled_and_eager):
     assert sorted((g["role"], g["grad"]) for g in graphs) == [("online", True), ("target", False)], graphs
     assert compiled_and_eager["unique_graphs"] == len(graphs)  # no graph was made outside the encoders' trunks
     assert all(not g["spectral_ops"] for g in graphs)
+
+
+@pytest.mark.slow
+def test_fused_views_compile_once_per_grad_mode_and_run_each_graph_once_per_step(tmp_path):
+    """model.fused_views: both views in one trunk call, so over two steps each
+    encoder's one graph runs twice (two calls per step without the fusion)."""
+    log, calls = [], Counter()
+    torch._dynamo.reset()
+    cfg, method, step = _step(tmp_path, {"train": {"batch_size": 4, "precision": "bf16"}, "model": {"fused_views": True}})
+    for role, encoder in method.encoders().items():
+        encoder.compile(backend=_recording_backend(role, log, calls))
+    for i, (anchor, query) in enumerate(_views(cfg, 2, seed=1)):
+        step(anchor, query, i)
+    torch._dynamo.reset()
+    assert sorted((g["role"], g["grad"]) for g in log) == [("online", True), ("target", False)], log
+    assert calls == {"online": 2, "target": 2}
 
 
 @pytest.mark.slow

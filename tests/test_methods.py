@@ -120,8 +120,9 @@ def test_the_entry_point_equals_the_step_on_prepared_views(name, saib):
 
 
 def _capture_outputs(module: torch.nn.Module) -> list[torch.Tensor]:
+    """What `module` returns, call by call; an encoder called on two views returns both, in order."""
     outputs: list[torch.Tensor] = []
-    module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    module.register_forward_hook(lambda _m, _i, out: outputs.extend(out if isinstance(out, tuple) else (out,)))
     return outputs
 
 

@@ -139,6 +139,7 @@ class ModelConfig:
     spectral_norm: bool | None = None  # None -> the method's own: true for iecl (entropy preservation), else false
     spectral_batched: bool = True  # one power iteration for all convs at once (model/spectral.py), or conv by conv
     stem_pad_channels: Annotated[int, Range(0, 8, says=STEM_PAD)] = 0  # 0, 4 or 8: the stem's 3 input channels zero-padded (model/encoder.py)
+    fused_views: bool = False  # both views in one encoder call, BatchNorm statistics per view (model/view_norm.py)
     projector_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] = 512
     projector_out: Annotated[int, Range(1, 1 << 20, says="positive")] = 128
     predictor_hidden: Annotated[int, Range(1, 1 << 20, says="positive")] | None = None  # byol, simsiam: predictor MLP width; None -> the method's own

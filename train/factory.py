@@ -66,6 +66,7 @@ def configure_encoders(method: Method, cfg: Config) -> None:
         if isinstance(encoder, Encoder):
             encoder.spectral_batched = cfg.model.spectral_batched
             encoder.stem_pad_channels = cfg.model.stem_pad_channels
+            encoder.fused_views = cfg.model.fused_views
 
 
 def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:

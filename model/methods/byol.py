@@ -58,11 +58,11 @@ class BYOL(Method):
         self.criterion = NormalizedMSE()
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
-        # Separate forwards, each view with its own BatchNorm statistics (BYOL's code).
+        # Each view with its own BatchNorm statistics (BYOL's code; model/encoder.py).
         with once_per_step():
-            z_anchor, z_query = self.online(anchor), self.online(query)
+            z_anchor, z_query = self.online(anchor, query)
             with torch.no_grad():
-                t_anchor, t_query = self.target(anchor), self.target(query)
+                t_anchor, t_query = self.target(anchor, query)
         p_anchor, p_query = self.predictor(z_anchor), self.predictor(z_query)
         loss = self.criterion(p_anchor, t_query) + self.criterion(p_query, t_anchor)
         return {"loss": loss}, (z_anchor.detach(), z_query.detach())

@@ -57,14 +57,15 @@ class IECL(Method):
         self.entropy = build_entropy(h.entropy, h.coding_rate_eps)
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
-        # Separate forwards: each view keeps its own BatchNorm statistics. Within
-        # `once_per_step()`, each spectral-normalised weight (one power iteration,
-        # one division) is computed once per step, not once per forward, so both
-        # views see the same normalised weights.
+        # Each view keeps its own BatchNorm statistics (model/encoder.py: two trunk
+        # calls, or one with model.fused_views). Within `once_per_step()`, each
+        # spectral-normalised weight (one power iteration, one division) is computed
+        # once per step, not once per encoder call, so online and both views see
+        # the same normalised weights.
         with once_per_step():
-            q_anchor, q_query = self.online(anchor), self.online(query)
+            q_anchor, q_query = self.online(anchor, query)
             with torch.no_grad():
-                k_anchor, k_query = self.target(anchor), self.target(query)
+                k_anchor, k_query = self.target(anchor, query)
         loss_nce = self.infonce(q_anchor, k_query) + self.infonce(q_query, k_anchor)
         loss_kl = self.kl(q_query, q_anchor)
         entropy = self.entropy(q_query)

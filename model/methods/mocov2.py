@@ -106,12 +106,14 @@ class MoCoV2(Method):
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         # `once_per_step()`: each spectral-normalised weight is computed once per step (see IE-CL).
+        # Each view with its own BatchNorm statistics (model/encoder.py).
         with once_per_step():
-            q_anchor = self.online(anchor) if self.symmetric else None
-            q_query = self.online(query)
+            if self.symmetric:
+                q_anchor, q_query = self.online(anchor, query)
+            else:
+                q_anchor, q_query = None, self.online(query)
             with torch.no_grad():
-                k_anchor = self.target(anchor)
-                k_query = self.target(query) if self.symmetric else None
+                k_anchor, k_query = self.target(anchor, query) if self.symmetric else (self.target(anchor), None)
         # A copy: backward needs the negatives (dL/dq = ... @ queue) after `enqueue`
         # has overwritten the buffer in place, and both terms must see the same queue.
         negatives = self.queue.keys.clone()

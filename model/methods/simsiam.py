@@ -50,7 +50,7 @@ class SimSiam(Method):
 
     def loss_on_views(self, anchor: torch.Tensor, query: torch.Tensor) -> tuple[Losses, Embeddings]:
         with once_per_step():
-            z_anchor, z_query = self.encoder(anchor), self.encoder(query)
+            z_anchor, z_query = self.encoder(anchor, query)  # each view its own BatchNorm statistics
         p_anchor, p_query = self.predictor(z_anchor), self.predictor(z_query)
         loss = self.criterion(p_anchor, z_query.detach()) / 2 + self.criterion(p_query, z_anchor.detach()) / 2
         return {"loss": loss}, (z_anchor.detach(), z_query.detach())

@@ -386,7 +386,10 @@ def _levers(levers: dict | None, parts: dict) -> list[str]:
               "Predicted on an H100-class GPU (not measured before this part): spectral norm per convolution "
               "4.5-6.7 ms slower per step (1,124 more kernel launches at 4-6 us); the stem padded to 4 or 8 "
               "channels 1-3 ms faster if cuDNN's 3-channel 7x7 input gradient is off the tensor cores, else "
-              "no gain.")]
+              "no gain; both views in one encoder call 5-12% slower eager (each BatchNorm's concatenation "
+              "adds two passes over its output to the forward's element-wise traffic, against half the "
+              "convolution launches; the gain is meant for compiled encoders, where Inductor folds the "
+              "concatenation into the normalisation).")]
     return lines
 
 

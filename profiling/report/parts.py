@@ -366,6 +366,7 @@ LEVERS = (
     ("spectral norm per convolution", ("model.spectral_batched=false",)),
     ("stem padded to 4 channels", ("model.stem_pad_channels=4",)),
     ("stem padded to 8 channels", ("model.stem_pad_channels=8",)),
+    ("both views in one encoder call", ("model.fused_views=true",)),
     ("defaults, again", ()),
 )
 
