@@ -126,7 +126,9 @@ class Encoder(nn.Module):
             skeleton = self.__dict__["_skeleton"] = per_view_norms(spectral.plain_skeleton(trunk))
         if skeleton.training != self.training:
             skeleton.train(self.training)
-        set_views(skeleton, views)
+        if skeleton.__dict__.get("views") != views:  # a walk over every module only when it changes
+            set_views(skeleton, views)
+            skeleton.__dict__["views"] = views
 
     def _run_trunk(self, tensors: dict[str, torch.Tensor], *views: torch.Tensor):
         return functional_call(self._skeleton, tensors, views, strict=False)

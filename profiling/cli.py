@@ -247,10 +247,11 @@ implementations alone, the loaders alone (pil on every core, DALI, FFCV), the
 IE-CL + SAIB step of ResNet-50 and ResNet-18 with the real loader and with
 the data on the device, compile off and on, SAIB's share per
 implementation, the step's eager levers (spectral norm batched or per
-convolution, a padded stem) against its defaults, every method with and
-without SAIB, a plain supervised ResNet-50 step as an anchor, and the
-exported backbone loaded into torchvision and timm. Writes DIR/report.md, one JSON per part, the
-charts and logs/, and with --pack DIR.tar.gz.
+convolution, a padded stem, both views in one encoder call) against its
+defaults, every method with and without SAIB, a plain supervised ResNet-50
+step as an anchor, and the exported backbone loaded into torchvision and
+timm. Writes DIR/report.md, one JSON per part, the charts and logs/, and
+with --pack DIR.tar.gz.
 
 Each part runs in a process of its own under its share of the budget (the
 time left, in proportion to the part's estimate among those still to run); a

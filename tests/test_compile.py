@@ -297,14 +297,17 @@ def test_compiled_and_eager_steps_agree(compiled_and_eager):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's GPU code needs a CUDA device")
-def test_inductor_on_a_gpu_compiles_once_per_grad_mode_and_agrees_with_eager(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-calls", "fused-views"])
+def test_inductor_on_a_gpu_compiles_once_per_grad_mode_and_agrees_with_eager(tmp_path, fused):
     """The shipped backend (Inductor) on the GPU: one graph per encoder and
     grad mode over three steps, and losses within bf16 tolerance of eager
-    (Inductor fuses BatchNorm, ReLU and residual passes, so bf16 roundings differ)."""
+    (Inductor fuses BatchNorm, ReLU and residual passes, so bf16 roundings
+    differ); with both views in one call (model.fused_views) too."""
     from torch._dynamo.utils import counters
 
     gpu = torch.device("cuda")
-    updates = {"optim": {"name": "lars"}, "train": {"batch_size": 16, "precision": "bf16"}}
+    updates = {"optim": {"name": "lars"}, "train": {"batch_size": 16, "precision": "bf16"},
+               "model": {"fused_views": fused}}
     torch._dynamo.reset()
     counters.clear()
     losses = {}
