@@ -336,6 +336,12 @@ def profile_r18_compile(ctx: Context) -> dict:
     return _profile_one(ctx, ["model.backbone=resnet18", "train.compile=true"], loader=True)
 
 
+def profile_r18_compile_fused(ctx: Context) -> dict:
+    """profile-r18-compile with both views in one encoder call: the lever is
+    meant for compiled encoders (eager, the levers part times its cost)."""
+    return _profile_one(ctx, ["model.backbone=resnet18", "train.compile=true", "model.fused_views=true"], loader=True)
+
+
 def saib_in_step(ctx: Context) -> dict:
     """The ResNet-50 step with the other SAIB implementations (the reference is
     profile-r50's), data on the device: SAIB's share of the step per implementation."""
@@ -536,6 +542,7 @@ RUN = {
     "machine": machine, "saib": saib, "data": data, "loader": loader, "profile-r50": profile_r50,
     "profile-r18": profile_r18, "anchor": anchor, "export": export, "compare": compare, "saib-in-step": saib_in_step,
     "levers": levers, "profile-r18-compile": profile_r18_compile, "profile-r50-compile": profile_r50_compile,
+    "profile-r18-compile-fused": profile_r18_compile_fused,
 }
 
 
