@@ -16,6 +16,9 @@ that decoding alone takes (`findings`). `--hw-decoder-load` times the loader
 at several values of `dali.hw_decoder_load`, the share of each batch the
 A100/H100/H200 hardware JPEG decoder takes: a GPU setting; DALI's cpu decoder
 has no such option, so on a CPU one run stands for all and says so.
+`--exec-dynamic` also times each DALI run with DALI's dynamic executor
+(`dali.exec_dynamic=true`, shipped off): the same batches, scheduled by the
+executor that may overlap CPU and GPU stages better.
 """
 
 from __future__ import annotations
@@ -70,21 +73,26 @@ class LoaderResult:
     decode_only: bool = False  # dali: decoding alone (DaliDecodeOnly), no crop, resize or colour work
     decoder: str | None = None  # dali: "mixed" (nvJPEG, on a GPU) or "cpu" (libjpeg-turbo)
     hw_decoder_load: float | None = None  # what nvJPEG was given; None: no hardware decoder option (not on a GPU)
+    exec_dynamic: bool = False  # dali: DALI's dynamic executor (dali.exec_dynamic)
 
 
-#: the shipped dali.hw_decoder_load (DaliOptions, train/config.py DaliConfig)
+#: the shipped dali.hw_decoder_load and dali.exec_dynamic (DaliOptions, train/config.py DaliConfig)
 DEFAULT_HW_DECODER_LOAD = DaliOptions().hw_decoder_load
+DEFAULT_EXEC_DYNAMIC = DaliOptions().exec_dynamic
 
 
 def run_label(backend: str, decode: str | None = None, decode_only: bool = False,
-              hw_decoder_load: float | None = None) -> str:
+              hw_decoder_load: float | None = None, exec_dynamic: bool = DEFAULT_EXEC_DYNAMIC) -> str:
     """A run's name in tables: "pil", "dali/shared", "dali/window/decode-only",
-    and " hw=0.9" after a DALI run whose hw_decoder_load is not the shipped one."""
+    " hw=0.9" after a DALI run whose hw_decoder_load is not the shipped one,
+    " dynamic" (" static") where the executor is not the shipped one."""
     if backend != "dali":
         return backend
     name = f"dali/{decode}" + ("/decode-only" if decode_only else "")
     if hw_decoder_load is not None and hw_decoder_load != DEFAULT_HW_DECODER_LOAD:
         name += f" hw={hw_decoder_load:g}"
+    if exec_dynamic != DEFAULT_EXEC_DYNAMIC:
+        name += " dynamic" if exec_dynamic else " static"
     return name
 
 
@@ -130,19 +138,25 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_one(images, backend: str, decode: str, device: torch.device, args, progress: bool = False, *,
-              decode_only: bool = False, hw_decoder_load: float | None = None) -> LoaderResult:
+              decode_only: bool = False, hw_decoder_load: float | None = None,
+              exec_dynamic: bool | None = None) -> LoaderResult:
     """`args.warmup` untimed steps, then `args.repeats` windows of `args.steps` timed ones.
 
     dali only: `decode_only` times `DaliDecodeOnly` (decoding alone) instead of
     the loader; `hw_decoder_load` replaces the shipped dali.hw_decoder_load
-    (None: keep it); it reaches nvJPEG on a GPU and nothing on a CPU."""
-    if backend != "dali" and (decode_only or hw_decoder_load is not None):
-        raise ValueError("decode_only and hw_decoder_load are DALI settings")
+    (None: keep it); it reaches nvJPEG on a GPU and nothing on a CPU;
+    `exec_dynamic` replaces the shipped dali.exec_dynamic (None: keep it)."""
+    if backend != "dali" and (decode_only or hw_decoder_load is not None or exec_dynamic is not None):
+        raise ValueError("decode_only, hw_decoder_load and exec_dynamic are DALI settings")
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     repeats = getattr(args, "repeats", 1)
     watch = MemoryWatch(device)
     plan = BatchPlan(get_recipe(args.recipe, None), args.batch_size, args.image_size, args.seed, workers, device)
-    options = DaliOptions() if hw_decoder_load is None else replace(DaliOptions(), hw_decoder_load=hw_decoder_load)
+    options = DaliOptions()
+    if hw_decoder_load is not None:
+        options = replace(options, hw_decoder_load=hw_decoder_load)
+    if exec_dynamic is not None:
+        options = replace(options, exec_dynamic=exec_dynamic)
     if decode_only:
         from iecl.pipeline.dali import DaliDecodeOnly
 
@@ -150,7 +164,8 @@ def bench_one(images, backend: str, decode: str, device: torch.device, args, pro
     else:
         loader = build_loader(images, LoaderSpec(backend, plan, decode=decode, dali=options))
     gpu_decoder = backend == "dali" and device.type == "cuda"
-    label = run_label(backend, decode, decode_only, options.hw_decoder_load if gpu_decoder else None)
+    label = run_label(backend, decode, decode_only, options.hw_decoder_load if gpu_decoder else None,
+                      options.exec_dynamic)
     needed = args.warmup + args.steps * repeats
     if needed > len(loader):
         # Several epochs are fine (a loader must sustain them); say how many.
@@ -208,6 +223,7 @@ def bench_one(images, backend: str, decode: str, device: torch.device, args, pro
         label=label, decode_only=decode_only,
         decoder=("mixed" if gpu_decoder else "cpu") if backend == "dali" else None,
         hw_decoder_load=options.hw_decoder_load if gpu_decoder else None,
+        exec_dynamic=options.exec_dynamic if backend == "dali" else False,
     )
 
 
@@ -231,10 +247,16 @@ def findings(runs: list[dict]) -> dict:
                      copy out add beyond the decode)
     hw_decoder_load  per decode mode timed at two or more values: img/s per
                      value, the fastest, and it over the shipped default
+    executor         per run timed with both DALI executors (same decode,
+                     hw_decoder_load, decode-only or not): the dynamic
+                     executor's img/s over the static one's
+    The first three compare runs with the shipped executor only.
     """
     dali = [r for r in runs if "error" not in r and r.get("backend") == "dali"]
+    executors = [r for r in dali if bool(r.get("exec_dynamic")) != DEFAULT_EXEC_DYNAMIC]
+    dali = [r for r in dali if bool(r.get("exec_dynamic")) == DEFAULT_EXEC_DYNAMIC]
     full = [r for r in dali if not r.get("decode_only")]
-    out: dict = {"decode_modes": [], "decode_share": [], "hw_decoder_load": []}
+    out: dict = {"decode_modes": [], "decode_share": [], "hw_decoder_load": [], "executor": []}
 
     def find(rows, decode, hw):
         return next((r for r in rows if r["decode"] == decode and r.get("hw_decoder_load") == hw), None)
@@ -268,6 +290,17 @@ def findings(runs: list[dict]) -> dict:
             row["best_over_default"] = ratio = stats.ratio(_rate(best), _rate(default))
             row["beyond_noise"] = stats.beyond(ratio, 1.0) if best is not default else False
         out["hw_decoder_load"].append(row)
+    for other in executors:
+        same = next((r for r in dali if (r["decode"], r.get("hw_decoder_load"), bool(r.get("decode_only"))) ==
+                     (other["decode"], other.get("hw_decoder_load"), bool(other.get("decode_only")))), None)
+        if same:
+            dynamic, static = (other, same) if other.get("exec_dynamic") else (same, other)
+            ratio = stats.ratio(_rate(dynamic), _rate(static))
+            out["executor"].append({
+                "label": other.get("label") or run_label("dali", other["decode"], bool(other.get("decode_only"))),
+                "decode": other["decode"], "hw_decoder_load": other.get("hw_decoder_load"),
+                "decode_only": bool(other.get("decode_only")), "dynamic_img_per_s": _rate(dynamic),
+                "static_img_per_s": _rate(static), "ratio": ratio, "beyond_noise": stats.beyond(ratio, 1.0)})
     return {key: value for key, value in out.items() if value}
 
 
@@ -291,7 +324,16 @@ def findings_lines(found: dict) -> list[str]:
             line += (f", {stats.fmt_times(row['best_over_default'])} the shipped {row['default']:g}, "
                      f"{stats.fmt_verdict(row['beyond_noise'])}")
         lines.append(line)
+    for row in found.get("executor", []):
+        lines.append(executor_sentence(row))
     return lines
+
+
+def executor_sentence(row: dict) -> str:
+    """One `findings.executor` row in words (the command's output and report.md)."""
+    return (f"executor ({row['label']}): dynamic {row['dynamic_img_per_s']['median']:,.0f} img/s against static "
+            f"{row['static_img_per_s']['median']:,.0f}: {stats.fmt_times(row['ratio'])}, "
+            f"{stats.fmt_verdict(row['beyond_noise'])}")
 
 
 def _beton_for(data: str, args) -> str:
@@ -320,8 +362,9 @@ def main(args) -> int:
         raise DataError("--steps, --repeats and --batch-size must be positive, --warmup 0 or more")
     decode_only = getattr(args, "decode_only", False)
     hw_values = list(getattr(args, "hw_decoder_load", None) or [None])
-    if (decode_only or hw_values != [None]) and "dali" not in args.backend:
-        raise DataError("--decode-only and --hw-decoder-load time DALI's decoder: add dali to --backend")
+    executors = (None, not DEFAULT_EXEC_DYNAMIC) if getattr(args, "exec_dynamic", False) else (None,)
+    if (decode_only or hw_values != [None] or len(executors) > 1) and "dali" not in args.backend:
+        raise DataError("--decode-only, --hw-decoder-load and --exec-dynamic are DALI settings: add dali to --backend")
     if any(v is not None and not 0 <= v <= 1 for v in hw_values):
         raise DataError("--hw-decoder-load values are shares of a batch, in [0, 1]")
     if hw_values != [None] and device.type != "cuda":
@@ -331,15 +374,15 @@ def main(args) -> int:
     results = []
     for backend in args.backend:
         images = open_beton(_beton_for(args.data, args)) if backend == "ffcv" else open_images(args.data)
-        variants = [(d, hw, only) for d in args.decode for hw in hw_values
-                    for only in ((False, True) if decode_only else (False,))] if backend == "dali" else [
-                        ("shared", None, False)]
-        for decode, hw, only in variants:
-            label = run_label(backend, decode, only, hw)
+        variants = [(d, hw, only, dyn) for d in args.decode for hw in hw_values
+                    for only in ((False, True) if decode_only else (False,)) for dyn in executors] if (
+                        backend == "dali") else [("shared", None, False, None)]
+        for decode, hw, only, dyn in variants:
+            label = run_label(backend, decode, only, hw, DEFAULT_EXEC_DYNAMIC if dyn is None else dyn)
             print(f"benchmarking {label} on {device}: {len(images)} images, batch {args.batch_size}, "
                   f"{args.image_size}px, {args.warmup} + {args.repeats} x {args.steps} steps", flush=True)
             results.append(bench_one(images, backend, decode, device, args, progress=not args.no_progress,
-                                     decode_only=only, hw_decoder_load=hw))
+                                     decode_only=only, hw_decoder_load=hw, exec_dynamic=dyn))
     _print_table(results)
     found = findings([asdict(r) for r in results])
     for line in findings_lines(found):

@@ -67,11 +67,14 @@ how much (with the windows' spread); --decode-only also times decoding alone
 (same reader, files and decoder options, no crop, resize or colour work) and
 prints decoding's share of the loader's time per image; --hw-decoder-load
 times the loader at each value of dali.hw_decoder_load (nvJPEG's hardware
-decoder share: GPUs only; on a CPU one run stands for all, and says so).
+decoder share: GPUs only; on a CPU one run stands for all, and says so);
+--exec-dynamic also times each DALI run with DALI's dynamic executor
+(dali.exec_dynamic=true: the same batches) and prints which executor won.
 
   iecl bench loader --backend pil --data /data/synthetic-10k --batch-size 256 --steps 10 --repeats 5 --workers 16
   iecl bench loader --backend dali --decode shared window --data /data/synthetic-10k --device cuda --json dali.json
   iecl bench loader --backend dali --decode-only --hw-decoder-load 0 0.65 0.9 --data /data/synthetic-10k --device cuda
+  iecl bench loader --backend dali --exec-dynamic --data /data/synthetic-10k --device cuda
 """
 
 
@@ -104,6 +107,9 @@ def register(commands) -> None:
                    help="dali: time each of these dali.hw_decoder_load values, the share of each batch nvJPEG gives "
                         "the hardware JPEG decoder (A100/H100/H200; ignored on a CPU, where one run stands for all) "
                         "(default: the shipped 0.65)")
+    p.add_argument("--exec-dynamic", action="store_true",
+                   help="dali: also time each run with DALI's dynamic executor (dali.exec_dynamic=true; the shipped "
+                        "value is false), and print which executor was faster")
     p.add_argument("--beton", metavar="PATH",
                    help="ffcv: where to write/read the converted folder (default: under ~/.cache/iecl/bench)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed")

@@ -84,6 +84,44 @@ def test_bench_loader_dali_decode_only_and_decode_modes(capsys, tmp_path, tiny_d
     assert "of the loader's time per image" in text and "dali/window/decode-only" in text
 
 
+def test_bench_loader_dali_exec_dynamic_times_both_executors(capsys, tmp_path, tiny_data):
+    """--exec-dynamic: each DALI run again with the dynamic executor, and a
+    sentence saying which was faster (dali.exec_dynamic's default is from it)."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "dali.json"
+    code = main(["bench", "loader", "--backend", "dali", "--exec-dynamic", "--data", str(tiny_data), "--batch-size",
+                 "8", "--image-size", "32", "--steps", "2", "--repeats", "3", "--warmup", "1", "--workers", "1",
+                 "--device", "cpu", "--no-progress", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["label"], r["exec_dynamic"]) for r in runs] == [("dali/shared", False), ("dali/shared dynamic", True)]
+    [row] = json.loads(out.read_text())["findings"]["executor"]
+    static, dynamic = (r["img_per_s_stats"]["median"] for r in runs)
+    assert row["ratio"]["value"] == pytest.approx(dynamic / static) and row["label"] == "dali/shared dynamic"
+    assert "executor (dali/shared dynamic): dynamic" in text
+
+
+def test_findings_compare_like_with_like_across_executors():
+    """The dynamic-executor runs have their own finding and change no other:
+    the decode modes are judged on the shipped executor's runs only."""
+    from iecl.profiling import stats
+    from iecl.profiling.bench_loader import findings
+
+    def run(decode, rates, dynamic=False):
+        return {"backend": "dali", "decode": decode, "decode_only": False, "hw_decoder_load": None,
+                "exec_dynamic": dynamic, "img_per_s": stats.summary(rates)["median"],
+                "img_per_s_stats": stats.summary(rates), "label": f"dali/{decode}" + (" dynamic" if dynamic else "")}
+
+    found = findings([run("shared", [500, 510, 520]), run("window", [400, 405, 410]),
+                      run("window", [700, 705, 710], dynamic=True)])
+    [modes] = found["decode_modes"]
+    assert modes["winner"] == "shared" and modes["ratio"]["value"] == pytest.approx(510 / 405)
+    [executor] = found["executor"]
+    assert executor["decode"] == "window" and executor["ratio"]["value"] == pytest.approx(705 / 405)
+    assert executor["beyond_noise"] is True
+
+
 def test_bench_loader_dali_flags_need_dali(capsys, tiny_data):
     assert main(["bench", "loader", "--data", str(tiny_data), "--decode-only", "--device", "cpu"]) == 2
     assert "add dali to --backend" in capsys.readouterr().err

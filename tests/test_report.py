@@ -66,6 +66,9 @@ def test_dry_run_runs_every_part_from_a_plain_checkout(tmp_path):
     [share] = loader["findings"]["decode_share"]
     assert f"| {only['label']} | cpu (libjpeg-turbo) |" in md and f"{100 * share['share']['value']:.0f}% (" in md
     assert loader["hw_decoder_load"]["runs"] == [] and "dali.hw_decoder_load: not measured: on cpu" in md
+    [other] = loader["executor"]  # the other DALI executor, on the faster mode
+    assert other["exec_dynamic"] is True and other["label"] == f"dali/{modes['winner']} dynamic"
+    assert f"- DALI executor (dali/{modes['winner']} dynamic): dynamic" in md
     r50 = json.loads((out / "profile-r50.json").read_text())
     assert r50["backbone"] == DRY_RUN.r50 and r50["batch_size"] == DRY_RUN.batch_size and r50["saib"]
     assert r50["data"].startswith("dali loader")  # the real loader, where DALI imports

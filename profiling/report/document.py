@@ -246,7 +246,23 @@ def _loader(r: dict | None) -> list[str]:
     lines += [f"- {backend}: not run ({why})" for backend, why in r.get("skipped", {}).items()]
     if r.get("ffcv_conversion_seconds") is not None:
         lines.append(f"- FFCV conversion (once, not timed above): {r['ffcv_conversion_seconds']:.0f} s")
-    return lines + _decode_mode(r) + _decode_alone(r) + _hw_decoder_load(r)
+    return lines + _decode_mode(r) + _decode_alone(r) + _hw_decoder_load(r) + _executor(r)
+
+
+def _executor(r: dict) -> list[str]:
+    """The loader with the other DALI executor (`executor`, `findings.executor`)."""
+    from iecl.profiling.bench_loader import (  # torch: only when needed
+        DEFAULT_EXEC_DYNAMIC,
+        executor_sentence,
+    )
+
+    runs = r.get("executor")
+    if runs is None:
+        return []
+    failed = [f"- {run.get('label', 'dali')}: failed: {run['error'].splitlines()[-1]}" for run in runs if "error" in run]
+    found = [f"- DALI {executor_sentence(row)} (the shipped dali.exec_dynamic is "
+             f"{str(DEFAULT_EXEC_DYNAMIC).lower()})." for row in _get(r, "findings", "executor") or []]
+    return ["", *failed, *found] if failed or found else []
 
 
 def _decode_mode(r: dict) -> list[str]:

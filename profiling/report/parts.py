@@ -219,12 +219,14 @@ HW_DECODER_LOADS = (0.0, 0.9)
 
 def loader(ctx: Context) -> dict:
     """Every loader alone (`runs`), then, for DALI's faster decode mode of this
-    run: decoding alone (`decode_only`) and, on a GPU, the loader at the
-    `HW_DECODER_LOADS` (`hw_decoder_load`); `findings` puts them side by side
+    run: decoding alone (`decode_only`), on a GPU the loader at the
+    `HW_DECODER_LOADS` (`hw_decoder_load`), and the loader with the other DALI
+    executor (`executor`); `findings` puts them side by side
     (bench_loader.findings). The extra runs time `stats.MIN_WINDOWS` windows
     (the fewest that judge noise) to keep the part within its estimate."""
     from iecl.pipeline import open_images
     from iecl.profiling.bench_loader import (
+        DEFAULT_EXEC_DYNAMIC,
         DEFAULT_HW_DECODER_LOAD,
         _beton_for,
         bench_one,
@@ -252,7 +254,8 @@ def loader(ctx: Context) -> dict:
               "runs": [], "skipped": skipped}
 
     def timed(backend: str, decode: str, into: list, run_args=args, **dali) -> None:
-        label = run_label(backend, decode, dali.get("decode_only", False), dali.get("hw_decoder_load"))
+        label = run_label(backend, decode, dali.get("decode_only", False), dali.get("hw_decoder_load"),
+                          dali.get("exec_dynamic", DEFAULT_EXEC_DYNAMIC))
         ctx.log(f"{label}: {run_args.warmup} + {run_args.repeats} x {run_args.steps} batches of {s.batch_size}")
         try:
             start = time.perf_counter()
@@ -264,7 +267,8 @@ def loader(ctx: Context) -> dict:
             into.append({"backend": backend, "decode": decode if backend == "dali" else None, "label": label, **dali,
                          "error": _error(err)})
             ctx.log(f"{label} failed: {_error(err).splitlines()[-1]}")
-        every = result["runs"] + result.get("decode_only", []) + result.get("hw_decoder_load", {}).get("runs", [])
+        every = (result["runs"] + result.get("decode_only", []) + result.get("hw_decoder_load", {}).get("runs", [])
+                 + result.get("executor", []))
         result["findings"] = findings(every)  # saved with each run: a part stopped at its share keeps them
         ctx.save(result)
 
@@ -288,6 +292,9 @@ def loader(ctx: Context) -> dict:
     timed("dali", mode, result["decode_only"], extra, decode_only=True)
     for value in HW_DECODER_LOADS if device.type == "cuda" else ():
         timed("dali", mode, sweep["runs"], extra, hw_decoder_load=value)
+    # Last, the other DALI executor (dali.exec_dynamic) on the faster mode: the same graph, scheduled otherwise.
+    result["executor"] = []
+    timed("dali", mode, result["executor"], extra, exec_dynamic=not DEFAULT_EXEC_DYNAMIC)
     return result
 
 
