@@ -441,3 +441,55 @@ def test_hw_decoder_load_reaches_nvjpeg_in_both_graphs(images, monkeypatch):
             seen[graph] = [kwargs for _, kwargs in calls]
         assert seen["real"] == seen["decode-only"]
     loader.close()
+
+
+def _operators(outputs) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
+    """(schema name, device, devices of its regular inputs, devices of its
+    argument inputs) of every operator the outputs depend on, walking the
+    defined (not built) graph."""
+    seen, todo = {}, list(outputs)
+    while todo:
+        op = todo.pop().source
+        if op is None or id(op) in seen:
+            continue
+        name = getattr(op._op, "schema_name", None) or type(op._op).__name__  # ExternalSource: a Python class
+        devices = tuple(node.device for node in op.inputs)
+        regular = op.spec.NumRegularInput()
+        seen[id(op)] = (name, op._op.device, devices[:regular], devices[regular:])
+        todo.extend(op.inputs)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("recipe", ["mocov2", "simclr", "byol"])
+@pytest.mark.parametrize("decode", ["shared", "window"])
+def test_the_gpu_graph_is_well_formed_without_a_gpu(images, recipe, decode):
+    """The GPU graph (nvJPEG decoding, the views' work on the GPU) has never run
+    here: defined (not built) on the CPU, every argument name is one the
+    installed DALI's schema has (an unknown one raises at definition), every
+    GPU and mixed operator has that backend in this DALI, no CPU operator reads
+    a GPU input and every argument input (a per-sample parameter) is on the
+    CPU (both of which DALI refuses at build), and the views leave on the GPU."""
+    from nvidia.dali.ops import _registry
+    from nvidia.dali.pipeline import Pipeline
+
+    from iecl.pipeline import dali as dali_module
+
+    loader = DaliLoader(images, BatchPlan(get_recipe(recipe), 4, 32, 0, 0, CPU), decode=decode)
+    try:
+        with Pipeline(batch_size=4, num_threads=1, device_id=None):
+            outputs = dali_module._build_graph(_source(loader), image_size=32, gpu=True, parallel=False, decode=decode,
+                                               options=DaliOptions())
+    finally:
+        loader.close()
+    anchor, query, *_ = outputs  # then label and the skipped count
+    assert (anchor.device, query.device) == ("gpu", "gpu")
+    operators = _operators(outputs)
+    backends = {"gpu": _registry.gpu_ops(), "mixed": _registry.mixed_ops(), "cpu": _registry.cpu_ops()}
+    assert {device for _, device, _, _ in operators} == {"cpu", "mixed", "gpu"}
+    for name, device, inputs, arguments in operators:
+        assert name in backends[device], (name, device)
+        assert device != "cpu" or "gpu" not in inputs, (name, inputs)
+        assert set(arguments) <= {"cpu"}, (name, arguments)
+    assert any(arguments for *_, arguments in operators)  # the views' parameters arrive as argument inputs
+    decoders = {name for name, device, _, _ in operators if device == "mixed"}
+    assert decoders == {"decoders__Image" if decode == "shared" else "decoders__ImageSlice"}
