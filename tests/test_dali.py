@@ -460,7 +460,7 @@ def _operators(outputs) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]
     return list(seen.values())
 
 
-@pytest.mark.parametrize("recipe", ["mocov2", "simclr", "byol"])
+@pytest.mark.parametrize("recipe", ["mocov2", "simclr", "byol", "decode-only"])
 @pytest.mark.parametrize("decode", ["shared", "window"])
 def test_the_gpu_graph_is_well_formed_without_a_gpu(images, recipe, decode):
     """The GPU graph (nvJPEG decoding, the views' work on the GPU) has never run
@@ -474,15 +474,20 @@ def test_the_gpu_graph_is_well_formed_without_a_gpu(images, recipe, decode):
 
     from iecl.pipeline import dali as dali_module
 
-    loader = DaliLoader(images, BatchPlan(get_recipe(recipe), 4, 32, 0, 0, CPU), decode=decode)
+    only = recipe == "decode-only"  # DaliDecodeOnly's graph (bench loader --decode-only)
+    loader = DaliLoader(images, BatchPlan(get_recipe("mocov2" if only else recipe), 4, 32, 0, 0, CPU), decode=decode)
     try:
         with Pipeline(batch_size=4, num_threads=1, device_id=None):
-            outputs = dali_module._build_graph(_source(loader), image_size=32, gpu=True, parallel=False, decode=decode,
-                                               options=DaliOptions())
+            if only:
+                outputs = dali_module._build_decode_only_graph(_source(loader), gpu=True, parallel=False,
+                                                               decode=decode, options=DaliOptions())
+            else:
+                outputs = dali_module._build_graph(_source(loader), image_size=32, gpu=True, parallel=False,
+                                                   decode=decode, options=DaliOptions())
     finally:
         loader.close()
-    anchor, query, *_ = outputs  # then label and the skipped count
-    assert (anchor.device, query.device) == ("gpu", "gpu")
+    views = outputs[:-2]  # then label and the skipped count
+    assert {view.device for view in views} == {"gpu"} and len(views) == (1 if only and decode == "shared" else 2)
     operators = _operators(outputs)
     backends = {"gpu": _registry.gpu_ops(), "mixed": _registry.mixed_ops(), "cpu": _registry.cpu_ops()}
     assert {device for _, device, _, _ in operators} == {"cpu", "mixed", "gpu"}
@@ -490,6 +495,6 @@ def test_the_gpu_graph_is_well_formed_without_a_gpu(images, recipe, decode):
         assert name in backends[device], (name, device)
         assert device != "cpu" or "gpu" not in inputs, (name, inputs)
         assert set(arguments) <= {"cpu"}, (name, arguments)
-    assert any(arguments for *_, arguments in operators)  # the views' parameters arrive as argument inputs
+    assert only or any(arguments for *_, arguments in operators)  # the views' parameters: argument inputs
     decoders = {name for name, device, _, _ in operators if device == "mixed"}
     assert decoders == {"decoders__Image" if decode == "shared" else "decoders__ImageSlice"}
