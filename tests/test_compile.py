@@ -266,19 +266,26 @@ def test_each_encoder_compiles_once_per_grad_mode(compiled_and_eager):
 
 
 @pytest.mark.slow
-def test_fused_views_compile_once_per_grad_mode_and_run_each_graph_once_per_step(tmp_path):
+def test_fused_views_compile_once_per_grad_mode_and_run_each_graph_once_per_step(tmp_path, compiled_and_eager):
     """model.fused_views: both views in one trunk call, so over two steps each
-    encoder's one graph runs twice (two calls per step without the fusion)."""
+    encoder's one graph runs twice (two calls per step without the fusion), and
+    the losses are the eager two-call steps' within bf16 tolerance (the same
+    weights, views and optimizer as `compiled_and_eager`)."""
     log, calls = [], Counter()
     torch._dynamo.reset()
-    cfg, method, step = _step(tmp_path, {"train": {"batch_size": 4, "precision": "bf16"}, "model": {"fused_views": True}})
+    torch.manual_seed(0)
+    updates = {"optim": {"name": "lars"}, "train": {"batch_size": 4, "precision": "bf16"}, "model": {"fused_views": True}}
+    cfg, method, step = _step(tmp_path, updates)
     for role, encoder in method.encoders().items():
         encoder.compile(backend=_recording_backend(role, log, calls))
-    for i, (anchor, query) in enumerate(_views(cfg, 2, seed=1)):
-        step(anchor, query, i)
+    losses = [{k: v.item() for k, v in step(anchor, query, i).losses.items()}
+              for i, (anchor, query) in enumerate(_views(cfg, 2, seed=1))]
     torch._dynamo.reset()
     assert sorted((g["role"], g["grad"]) for g in log) == [("online", True), ("target", False)], log
     assert calls == {"online": 2, "target": 2}
+    for fused, eager in zip(losses, compiled_and_eager["eager"]["losses"], strict=True):
+        for key, value in eager.items():
+            assert fused[key] == pytest.approx(value, rel=2e-2, abs=2e-2), key
 
 
 @pytest.mark.slow
