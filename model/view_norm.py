@@ -37,10 +37,11 @@ class _PerView:
     views: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalise = super().forward
         batch_statistics = self.training or self.running_mean is None
         if self.views == 1 or not batch_statistics:
-            return super().forward(x)
-        return torch.cat([super(_PerView, self).forward(part) for part in x.chunk(self.views)])
+            return normalise(x)
+        return torch.cat([normalise(part) for part in x.chunk(self.views)])
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -64,5 +65,5 @@ def per_view_norms(module: nn.Module) -> nn.Module:
 def set_views(module: nn.Module, views: int) -> None:
     """How many equal views each batch through `module`'s BatchNorms holds."""
     for norm in module.modules():
-        if isinstance(norm, _PerView) and norm.views != views:
+        if isinstance(norm, _PerView):
             norm.views = views

@@ -110,10 +110,12 @@ class MoCoV2(Method):
         with once_per_step():
             if self.symmetric:
                 q_anchor, q_query = self.online(anchor, query)
+                with torch.no_grad():
+                    k_anchor, k_query = self.target(anchor, query)
             else:
                 q_anchor, q_query = None, self.online(query)
-            with torch.no_grad():
-                k_anchor, k_query = self.target(anchor, query) if self.symmetric else (self.target(anchor), None)
+                with torch.no_grad():
+                    k_anchor, k_query = self.target(anchor), None
         # A copy: backward needs the negatives (dL/dq = ... @ queue) after `enqueue`
         # has overwritten the buffer in place, and both terms must see the same queue.
         negatives = self.queue.keys.clone()
