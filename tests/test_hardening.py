@@ -302,14 +302,26 @@ def test_random_kills_never_break_a_run(tmp_path, tiny_data):
                 "train.keep_checkpoints=2", "data.workers=1"]
     threads = str(min(2, os.cpu_count() or 1))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def restart() -> list[str]:  # as the SLURM recipe restarts: resume the run folder if there is one
+        runs = _run_folders(out_dir)
+        return ["--resume", str(runs[0])] if runs else [*settings, f"run.out_dir={out_dir}"]
+
     rng = random.Random(18)
     for attempt in range(4):
-        runs = _run_folders(out_dir)
-        start = ["--resume", str(runs[0])] if runs else [*settings, f"run.out_dir={out_dir}"]
-        proc = subprocess.Popen([sys.executable, "-m", "iecl.train", "--no-progress", *start], env=env,
+        fresh = not _run_folders(out_dir)
+        proc = subprocess.Popen([sys.executable, "-m", "iecl.train", "--no-progress", *restart()], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + rng.uniform(0.3, 6.0)
         children: set[int] = set()
+        # The first kill counts from the launch, so it may land in start-up. A later fresh start counts
+        # from its run folder's appearance: on a slow machine every kill could otherwise land before
+        # the run exists, and no kill would hit a step or a checkpoint write.
+        if attempt and fresh:
+            up_by = time.monotonic() + 120
+            while not _run_folders(out_dir) and proc.poll() is None and time.monotonic() < up_by:
+                children |= descendants(proc.pid)
+                time.sleep(0.02)
+        deadline = time.monotonic() + rng.uniform(0.3, 6.0)
         while time.monotonic() < deadline and proc.poll() is None:
             children |= descendants(proc.pid)
             time.sleep(0.02)
@@ -330,10 +342,10 @@ def test_random_kills_never_break_a_run(tmp_path, tiny_data):
         for run in _run_folders(out_dir):
             for path in [*run.glob("last.pt"), *run.glob("step-*.pt")]:
                 ckpt.load(path)
-    (run_dir,) = _run_folders(out_dir)
-    final = subprocess.run([sys.executable, "-m", "iecl.train", "--no-progress", "--resume", str(run_dir)], env=env,
+    final = subprocess.run([sys.executable, "-m", "iecl.train", "--no-progress", *restart()], env=env,
                            capture_output=True, text=True, timeout=300, check=False)
     assert final.returncode == 0, final.stderr
+    (run_dir,) = _run_folders(out_dir)
     assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name or p.name == "lock"]
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))
