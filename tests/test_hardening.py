@@ -309,14 +309,14 @@ def test_random_kills_never_break_a_run(tmp_path, tiny_data):
 
     rng = random.Random(18)
     for attempt in range(4):
-        fresh = not _run_folders(out_dir)
-        proc = subprocess.Popen([sys.executable, "-m", "iecl.train", "--no-progress", *restart()], env=env,
+        start = restart()
+        proc = subprocess.Popen([sys.executable, "-m", "iecl.train", "--no-progress", *start], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         children: set[int] = set()
         # The first kill counts from the launch, so it may land in start-up. A later fresh start counts
         # from its run folder's appearance: on a slow machine every kill could otherwise land before
         # the run exists, and no kill would hit a step or a checkpoint write.
-        if attempt and fresh:
+        if attempt and start[0] != "--resume":
             up_by = time.monotonic() + 120
             while not _run_folders(out_dir) and proc.poll() is None and time.monotonic() < up_by:
                 children |= descendants(proc.pid)
