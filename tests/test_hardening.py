@@ -307,6 +307,12 @@ def test_random_kills_never_break_a_run(tmp_path, tiny_data):
         runs = _run_folders(out_dir)
         return ["--resume", str(runs[0])] if runs else [*settings, f"run.out_dir={out_dir}"]
 
+    def watch(proc, children: set[int], until: float, done=lambda: False) -> None:
+        """Note the trainer's children until the clock passes `until`, done() holds or it ends."""
+        while time.monotonic() < until and not done() and proc.poll() is None:
+            children |= descendants(proc.pid)
+            time.sleep(0.02)
+
     rng = random.Random(18)
     for attempt in range(4):
         start = restart()
@@ -317,14 +323,8 @@ def test_random_kills_never_break_a_run(tmp_path, tiny_data):
         # from its run folder's appearance: on a slow machine every kill could otherwise land before
         # the run exists, and no kill would hit a step or a checkpoint write.
         if attempt and start[0] != "--resume":
-            up_by = time.monotonic() + 120
-            while not _run_folders(out_dir) and proc.poll() is None and time.monotonic() < up_by:
-                children |= descendants(proc.pid)
-                time.sleep(0.02)
-        deadline = time.monotonic() + rng.uniform(0.3, 6.0)
-        while time.monotonic() < deadline and proc.poll() is None:
-            children |= descendants(proc.pid)
-            time.sleep(0.02)
+            watch(proc, children, time.monotonic() + 120, lambda: bool(_run_folders(out_dir)))
+        watch(proc, children, time.monotonic() + rng.uniform(0.3, 6.0))
         if proc.poll() is not None:  # ended by itself: only by finishing
             assert proc.returncode == 0, proc.stderr.read()
             break
