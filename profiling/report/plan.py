@@ -9,8 +9,10 @@ part starts it gets a share of the time left,
 so time a part does not use passes on to the later ones, and a part that
 overruns its share is stopped and reported as such while the rest still run.
 At full size the last parts (torch.compile) may use all that is left; the
-dry run caps each share at `max_share` times the estimate, so that its
-compile parts, which cannot finish on a CPU, are stopped in seconds.
+dry run caps the shares of its optional parts at `max_share` times the
+estimate, so that its compile parts, which cannot finish on a CPU, are
+stopped in seconds; the other parts keep their proportional share, so a busy
+machine slows them without stopping them.
 The estimates are each part's expected seconds at that scale: for the dry run
 they are what the parts took on the 2-core CPU machine (the table in
 profiling/results/cpu-2core/report-dry-run/report.md); for the full size they
@@ -98,7 +100,7 @@ class Scale:
     anchor_warmup: int = 5
     ceiling_iters: int = 10
     estimates: dict = field(default_factory=dict)  # part -> expected seconds
-    max_share: float | None = None  # cap on a share, in estimates (None: no cap)
+    max_share: float | None = None  # cap on an optional part's share, in estimates (None: no cap)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -140,7 +140,8 @@ def _run_or_skip(out: Path, record: dict, names: list[str], i: int, deadline: fl
     name, part = names[i], BY_NAME[names[i]]
     head = f"iecl report: [{i + 1}/{len(names)}] {name}"
     left = deadline - time.monotonic() - RESERVE_SECONDS
-    seconds = max(share(left, names[i:], scale.estimates, scale.max_share), min(MIN_SHARE_SECONDS, left))
+    cap = scale.max_share if part.optional else None  # only the parts that may not fit are cut to the cap
+    seconds = max(share(left, names[i:], scale.estimates, cap), min(MIN_SHARE_SECONDS, left))
     if part.needs_data and record["parts"].get("data", {}).get("status") != "ok":
         status = {"status": "skipped", "why": "no data: the data part has not succeeded in this report"}
     elif left < MIN_SHARE_SECONDS:
